@@ -1,0 +1,257 @@
+"""Checkpoint loading: diffusers folders -> rename table -> meta-built model, strict + assign.
+
+    read_state_dict(folder)     tensors of one diffusers model folder (safetensors, shards, variants, .bin)
+    assemble_unet(base, motion) the motion UNet's tensors, merged like diffusers' UNetMotionModel.from_unet2d
+    remap(sd)                   diffusers names -> pia_torch names with weights_map/diffusers.json
+    build(cls, config, sd)      cls(config) on the meta device; every key and shape checked, then
+                                load_state_dict(strict=True, assign=True): no random init is wasted
+
+build_unet / build_vae take state dicts, so the full-size key-coverage test runs the same code on
+meta tensors that load_unet / load_vae run on real files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from pia_torch import hub
+from pia_torch.config import MotionConfig, UNetConfig, VAEConfig
+from pia_torch.models.motion import frame_positions
+from pia_torch.models.unet import UNet
+from pia_torch.models.vae import AutoencoderKL
+
+log = logging.getLogger("pia_torch")
+StateDict = dict[str, Tensor]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit its model. One error lists every missing, unexpected and
+    mis-shaped (or wrongly valued) key; also raised for an unreadable file."""
+
+    def __init__(self, message: str, missing: Iterable[str] = (), unexpected: Iterable[str] = (),
+                 mismatched: Iterable[str] = ()):
+        self.missing, self.unexpected, self.mismatched = sorted(missing), sorted(unexpected), list(mismatched)
+        for title, items in [("missing", self.missing), ("unexpected", self.unexpected),
+                             ("mis-shaped or wrong", self.mismatched)]:
+            if items:
+                message += f"\n  {len(items)} {title}:" + "".join(f"\n    {item}" for item in items)
+        super().__init__(message)
+
+
+# --------------------------------------------------------------------------------------------- files
+
+def read_config(folder: str | Path, *class_names: str) -> dict:
+    """`folder/config.json`; its `_class_name`, when present, must be one of class_names."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found")
+    cfg = json.loads(path.read_text())
+    if cfg.get("_class_name", class_names[0]) not in class_names:
+        raise ValueError(f"{path}: _class_name {cfg['_class_name']!r}, expected {' or '.join(class_names)}")
+    return cfg
+
+
+def _read_file(path: Path) -> StateDict:
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, or not a tensor file at all
+        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from e
+
+
+def read_state_dict(folder: str | Path, variant: str | None = None) -> StateDict:
+    """Tensors of one diffusers model folder, as stored (dtype kept).
+
+    Looks for, in order: safetensors then .bin (torch.load(weights_only=True)); for each, the
+    `variant` names (diffusion_pytorch_model.fp16.safetensors) before the plain ones; a single file
+    before a shard index (diffusion_pytorch_model.safetensors.index[.fp16].json).
+    """
+    folder, tried = Path(folder), []
+    for ext in ("safetensors", "bin"):
+        for v in dict.fromkeys((variant, None)):
+            single, index = hub.weight_names(v, ext)
+            if (folder / single).is_file():
+                files, weight_map = [folder / single], None
+            elif (folder / index).is_file():
+                weight_map = json.loads((folder / index).read_text())["weight_map"]
+                files = [folder / name for name in sorted(set(weight_map.values()))]
+            else:
+                tried += [single, index]
+                continue
+            if v != variant:
+                log.info("%s: no %r variant, reading %s", folder, variant, files[0].name)
+            sd = {k: t for f in files for k, t in _read_file(f).items()}
+            if weight_map is not None and weight_map.keys() - sd.keys():
+                raise CheckpointError(f"{folder / index}: shards lack keys listed in the index",
+                                      missing=weight_map.keys() - sd.keys())
+            return sd
+    raise FileNotFoundError(f"{folder}: no weights found (looked for {', '.join(tried)})")
+
+
+# --------------------------------------------------------------------------------------------- names
+
+@cache
+def load_table(name: str = "diffusers") -> dict:
+    """Rename table weights_map/<name>.json, from the installed package, else from the repository."""
+    packaged = resources.files("pia_torch") / "weights_map" / f"{name}.json"
+    path = packaged if packaged.is_file() else Path(__file__).resolve().parents[1] / "weights_map" / f"{name}.json"
+    return json.loads(path.read_text())
+
+
+def _components(old: str) -> re.Pattern:
+    """`old` as whole dot-separated components: ff.net.2 matches in "ff.net.2.bias", not "ff.net.20"."""
+    return re.compile(rf"(?<![^.]){re.escape(old)}(?![^.])")
+
+
+def remap(sd: StateDict, table: str | dict = "diffusers") -> tuple[StateDict, StateDict]:
+    """Rename keys with a table's ordered [old, new, reason] rules. Returns (renamed, ignored): ignored
+    keys match one of the table's "ignore" rules, whose reason says what the caller does with them."""
+    table = load_table(table) if isinstance(table, str) else table
+    rules = [(_components(old), new) for old, new, _ in table["rename"]]
+    ignore = [_components(old) for old, _ in table["ignore"]]
+    renamed, ignored, origin = {}, {}, {}
+    for key, value in sd.items():
+        if any(p.search(key) for p in ignore):
+            ignored[key] = value
+            continue
+        new = key
+        for pattern, repl in rules:
+            new = pattern.sub(repl, new)
+        if new in renamed:
+            raise CheckpointError(f"checkpoint keys {origin[new]!r} and {key!r} both map to {new!r}")
+        renamed[new], origin[new] = value, key
+    return renamed, ignored
+
+
+def _check_frame_tables(ignored: StateDict, sd: StateDict, motion: MotionConfig | None) -> tuple[list, list]:
+    """The dropped motion `pos_embed.pe` tables must equal frame_positions(max_seq_length, C).
+    Returns (unexpected, wrong) keys for CheckpointError."""
+    unexpected, wrong = [], []
+    for key, pe in ignored.items():
+        proj_in = sd.get(key.split(".transformer_blocks.")[0] + ".proj_in.weight")
+        if motion is None or proj_in is None:
+            unexpected.append(key)  # no motion module here to use it
+            continue
+        want = (1, motion.max_seq_length, proj_in.shape[0])
+        if tuple(pe.shape) != want:
+            wrong.append(f"{key}: checkpoint {tuple(pe.shape)}, expected {want}")
+        elif not pe.is_meta:
+            err = (pe.float() - frame_positions(*want[1:])).abs().max().item()
+            if err > (1e-4 if torch.finfo(pe.dtype).bits >= 32 else 1e-2):
+                wrong.append(f"{key}: differs from frame_positions{want[1:]} by up to {err:.3g}")
+    return unexpected, wrong
+
+
+# --------------------------------------------------------------------------------------------- models
+
+def build(model_cls: type[nn.Module], config, sd: StateDict, *, torch_dtype: torch.dtype | None = None,
+          device: torch.device | str | None = None, source: str = "checkpoint", unexpected: Iterable[str] = (),
+          wrong: Iterable[str] = ()) -> nn.Module:
+    """model_cls(config) filled with sd (pia_torch names): strict, shapes checked, one error for all problems.
+    Floating tensors are cast to torch_dtype (float32 by default, like diffusers) and moved to device."""
+    with torch.device("meta"):
+        model = model_cls(config)
+    expected = model.state_dict()
+    missing = expected.keys() - sd.keys()
+    unexpected = [*unexpected, *(sd.keys() - expected.keys())]
+    wrong = [*wrong, *(f"{k}: checkpoint {tuple(sd[k].shape)}, model {tuple(t.shape)}"
+                       for k, t in expected.items() if k in sd and sd[k].shape != t.shape)]
+    if missing or unexpected or wrong:
+        raise CheckpointError(f"{source}: checkpoint does not match {model_cls.__name__}", missing, unexpected, wrong)
+    dtype = torch_dtype or torch.float32
+    sd = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for k, t in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    meta_left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    assert not meta_left or all(t.is_meta for t in sd.values()), f"not filled by the checkpoint: {meta_left}"
+    return model.eval()
+
+
+class MotionAdapter:
+    """A motion adapter (AnimateDiff / PIA): its config and diffusers-named tensors (motion modules and,
+    for PIA, a 9-channel conv_in). It only carries weights; load_unet merges it into a UNet."""
+
+    def __init__(self, config: MotionConfig, state_dict: StateDict):
+        self.config, self.state_dict = config, state_dict
+
+    @classmethod
+    def from_pretrained(cls, repo_id_or_dir: str | Path, *, variant: str | None = None,
+                        torch_dtype: torch.dtype | None = None, cache_dir: str | Path | None = None,
+                        local_files_only: bool | None = None, revision: str | None = None) -> MotionAdapter:
+        """Read `config.json` (_class_name MotionAdapter) + weights from a folder or a Hub repo id."""
+        folder = hub.fetch(repo_id_or_dir, variant=variant, cache_dir=cache_dir,
+                           local_files_only=local_files_only, revision=revision)
+        config = MotionConfig.from_diffusers(read_config(folder, "MotionAdapter"))
+        dtype = torch_dtype or torch.float32
+        return cls(config, {k: t.to(dtype) for k, t in read_state_dict(folder, variant).items()})
+
+
+def assemble_unet(base: StateDict, adapter: StateDict) -> StateDict:
+    """UNetMotionModel.from_unet2d (spec unet_motion.md §2): everything from the base UNet, motion modules
+    (down, up, and mid if the adapter has one) from the adapter. PIA's conv_in: input channels 0-3 and
+    the bias from the base UNet, channels 4.. from the adapter (the adapter's bias is unused)."""
+    sd = dict(base)
+    for key, value in adapter.items():
+        if key.startswith("conv_in."):
+            continue
+        if key in sd:
+            raise CheckpointError(f"adapter key {key!r} is also in the base UNet")
+        sd[key] = value
+    if "conv_in.weight" in adapter:
+        w_base, w_adapter = base["conv_in.weight"], adapter["conv_in.weight"]
+        sd["conv_in.weight"] = torch.cat([w_base, w_adapter[:, 4:].to(w_base.dtype)], dim=1)  # (C, 4 + 5, 3, 3)
+        log.info("conv_in: %d input channels = base UNet channels 0-3 + adapter channels 4-%d; bias from the "
+                 "base UNet (adapter conv_in.bias and channels 0-3 unused, as diffusers' from_unet2d)",
+                 sd["conv_in.weight"].shape[1], w_adapter.shape[1] - 1)
+    return sd
+
+
+def build_unet(cfg: dict, base: StateDict, adapter: MotionAdapter | None = None, *, convention: str = "original",
+               torch_dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+               source: str = "unet") -> UNet:
+    """The UNet from a diffusers config.json dict and its diffusers-named tensors (+ an adapter)."""
+    if adapter is not None and cfg.get("_class_name") == "UNetMotionModel":
+        log.warning("%s is a UNetMotionModel with its own motion modules: the adapter is not used "
+                    "(as diffusers' PIAPipeline)", source)
+        adapter = None
+    config = UNetConfig.from_diffusers(cfg, motion=adapter.config if adapter else None, convention=convention)
+    sd = assemble_unet(base, adapter.state_dict) if adapter is not None else base
+    sd, ignored = remap(sd)
+    unexpected, wrong = _check_frame_tables(ignored, sd, config.motion)
+    return build(UNet, config, sd, torch_dtype=torch_dtype, device=device, source=source,
+                 unexpected=unexpected, wrong=wrong)
+
+
+def build_vae(cfg: dict, sd: StateDict, *, torch_dtype: torch.dtype | None = None,
+              device: torch.device | str | None = None, source: str = "vae") -> AutoencoderKL:
+    """The VAE from a diffusers config.json dict and its diffusers-named (or legacy-named) tensors."""
+    sd, ignored = remap(sd)
+    return build(AutoencoderKL, VAEConfig.from_diffusers(cfg), sd, torch_dtype=torch_dtype, device=device,
+                 source=source, unexpected=ignored.keys())
+
+
+def load_unet(unet_dir: str | Path, adapter: MotionAdapter | None = None, *, convention: str = "original",
+              torch_dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+              variant: str | None = None) -> UNet:
+    """A diffusers `unet/` folder (UNet2DConditionModel) + a MotionAdapter -> the PIA UNet, assembled like
+    diffusers' UNetMotionModel.from_unet2d. A UNetMotionModel folder loads alone (adapter=None)."""
+    cfg = read_config(unet_dir, "UNet2DConditionModel", "UNetMotionModel")
+    return build_unet(cfg, read_state_dict(unet_dir, variant), adapter, convention=convention,
+                      torch_dtype=torch_dtype, device=device, source=str(unet_dir))
+
+
+def load_vae(vae_dir: str | Path, *, torch_dtype: torch.dtype | None = None,
+             device: torch.device | str | None = None, variant: str | None = None) -> AutoencoderKL:
+    """A diffusers `vae/` folder (AutoencoderKL) -> pia_torch AutoencoderKL."""
+    return build_vae(read_config(vae_dir, "AutoencoderKL"), read_state_dict(vae_dir, variant),
+                     torch_dtype=torch_dtype, device=device, source=str(vae_dir))
