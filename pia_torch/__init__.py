@@ -8,3 +8,5 @@ Axis letters used in every docstring and einops pattern:
     nh attention heads         d  head dim
 Video tensors are (b, c, f, h, w); inside the UNet frames are folded into the batch as (b f).
 """
+
+__version__ = "0.1.0"

@@ -1,0 +1,320 @@
+"""scripts/sample.py: the demo end to end, the sidecar, the original defaults, and one clean error line
+(exit 2, no traceback, no file left behind) for every kind of bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pia_torch.sampling import DDIMScheduler, EulerDiscreteScheduler
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "sample.py"
+spec = importlib.util.spec_from_file_location("sample_cli", SCRIPT)
+cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cli)
+
+FAST = ["--frames", "2", "--steps", "1"]
+
+
+def run_ok(argv: list[str], capsys) -> tuple[dict, str]:
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    out = Path(argv[argv.index("--out") + 1])
+    assert out.is_file() and out.stat().st_size > 0
+    return json.loads(out.with_suffix(".json").read_text()), err
+
+
+def fails(argv: list[str], capsys, folder: Path, match: str) -> None:
+    """Exit status 2, exactly one `error: ...` line on stderr, no traceback, nothing written in folder."""
+    before = set(folder.rglob("*"))
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert match in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert set(folder.rglob("*")) == before
+
+
+def frame_sizes(path: Path) -> tuple[int, tuple[int, int]]:
+    with Image.open(path) as im:
+        return im.n_frames, im.size
+
+
+# --------------------------------------------------------------------------------------------- demo
+
+@pytest.mark.parametrize("convention, ext", [("original", ".webp"), ("diffusers", ".mp4")])
+def test_demo(tmp_path, capsys, convention, ext):
+    """The original convention runs with the demo defaults, the diffusers one with 2 frames and 1 step."""
+    out = tmp_path / "sub" / f"x{ext}"
+    fast = FAST if convention == "diffusers" else []
+    info, err = run_ok(["--demo", *fast, "--convention", convention, "--out", str(out)], capsys)
+    assert "noise" in err  # says the demo output is not a real animation
+    assert "it/s" in err or "s/it" in err  # the progress bar ran
+    p = info["params"]
+    assert p["demo"] and p["convention"] == convention and p["out"] == str(out)
+    frames, steps = (2, 1) if fast else (cli.DEMO_DEFAULTS["frames"], cli.DEMO_DEFAULTS["steps"])
+    assert (p["frames"], p["steps"], p["seed"], p["guidance"], p["strength"]) == (frames, steps, 0, 7.5, 1.0)
+    assert (p["width"], p["height"]) == (64, 64)  # the bundled image's size
+    assert p["negative_prompt"] == cli.NEGATIVE_PROMPT
+    assert info["seed"] == 0 and "demo" in info["models"]
+    assert set(info["versions"]) >= {"pia_torch", "torch", "transformers", "python"}
+    assert info["scheduler"]["_class_name"] == "DDIMScheduler"
+    assert sorted(f.name for f in out.parent.iterdir()) == sorted([out.name, "x.json"])  # no temp files
+
+
+def test_demo_options_apply(tmp_path, capsys):
+    out = tmp_path / "x.gif"
+    image = tmp_path / "wide.png"
+    Image.new("RGB", (100, 60), (200, 30, 60)).save(image)
+    info, err = run_ok(["--demo", "--image", str(image), "--frames", "3", "--steps", "2", "--seed", "7",
+                        "--scheduler", "euler", "--free-init", "gaussian", "--motion-scale", "2",
+                        "--strength", "0.5", "--negative-prompt", "", "--prompt", "waves", "--out", str(out)],
+                       capsys)
+    p = info["params"]
+    assert (p["frames"], p["steps"], p["seed"], p["prompt"], p["negative_prompt"]) == (3, 2, 7, "waves", "")
+    assert (p["scheduler"], p["free_init"], p["motion_scale"], p["strength"]) == ("euler", "gaussian", 2, 0.5)
+    assert info["scheduler"]["_class_name"] == "EulerDiscreteScheduler"
+    assert info["image"]["path"] == str(image.resolve())
+    assert frame_sizes(out) == (3, (96, 56))  # size from the image: 100x60 -> 96x56
+    assert err.count("| 0/1 [") == 3  # FreeInit: a progress bar per pass (3 passes; strength 0.5: 1 step)
+
+
+def test_script_subprocess(tmp_path):
+    """The file runs as a script, offline, from any working directory."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    r = subprocess.run([sys.executable, str(SCRIPT), "--demo", *FAST, "--out", "tmp/x.gif"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert frame_sizes(tmp_path / "tmp" / "x.gif") == (2, (64, 64))
+    info = json.loads((tmp_path / "tmp" / "x.json").read_text())
+    assert info["params"]["frames"] == 2 and info["command"].endswith("--out tmp/x.gif")
+
+
+def test_explicit_size(tmp_path, capsys):
+    out = tmp_path / "x.gif"
+    info, _ = run_ok(["--demo", *FAST, "--height", "48", "--width", "80", "--dtype", "bf16", "--out", str(out)],
+                     capsys)
+    assert (info["params"]["height"], info["params"]["width"], info["params"]["dtype"]) == (48, 80, "bf16")
+    assert frame_sizes(out) == (2, (80, 48))
+
+
+# --------------------------------------------------------------------------------------------- defaults
+
+def test_default_scheduler_is_the_original_ddim(monkeypatch):
+    """Whatever scheduler the base folder holds, the CLI samples with the original PIA DDIM."""
+    import pia_torch.demo
+
+    tiny = pia_torch.demo.tiny_pipeline
+
+    def sd15_scheduler(*args, **kwargs):  # an SD1.5-like folder: scaled_linear, set_alpha_to_one False
+        pipe = tiny(*args, **kwargs)
+        pipe.scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+        return pipe
+
+    monkeypatch.setattr(pia_torch.demo, "tiny_pipeline", sd15_scheduler)
+    args = cli.build_parser().parse_args(["--demo"])
+    args.device = "cpu"
+    scheduler = cli.load_pipeline(args).scheduler
+    assert isinstance(scheduler, DDIMScheduler)
+    c = scheduler.config
+    assert (c["beta_schedule"], c["beta_start"], c["beta_end"], c["num_train_timesteps"]) == (
+        "linear", 0.00085, 0.012, 1000)
+    assert (c["steps_offset"], c["clip_sample"], c["set_alpha_to_one"]) == (1, False, True)
+    assert (c["timestep_spacing"], c["prediction_type"]) == ("leading", "epsilon")
+    scheduler.set_timesteps(25)
+    assert scheduler.timesteps.tolist() == list(range(961, 0, -40))  # original: 961, 921, ..., 41, 1
+    assert float(scheduler.final_alpha_cumprod) == 1.0
+
+    euler = cli.build_scheduler("euler").config
+    assert (euler["beta_schedule"], euler["beta_start"], euler["beta_end"]) == ("linear", 0.00085, 0.012)
+
+
+def test_help_documents_the_demo(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--demo" in text and "noise" in text and "frames" in text and "--motion-scale" in text
+
+
+def sd15_folder(root: Path, checkpoints) -> Path:
+    """A tiny diffusers SD1.5 pipeline folder (tiny UNet/VAE of conftest, a tiny CLIP text encoder, the
+    bundled tokenizer) whose scheduler is SD1.5's PNDM with scaled_linear betas."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    import pia_torch.demo
+
+    ckpt = checkpoints("tiny")
+    for name in ("unet", "vae"):
+        shutil.copytree(ckpt[name], root / name)
+    shutil.copytree(pia_torch.demo.ASSETS / "tokenizer", root / "tokenizer")
+    vocab_size = len(CLIPTokenizer.from_pretrained(root / "tokenizer"))
+    CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(root / "text_encoder")
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(
+        _class_name="PNDMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return root
+
+
+def test_checkpoint_folders(tmp_path, capsys, checkpoints):
+    """The non-demo path on local folders: the base's own scheduler (PNDM, scaled_linear) is replaced."""
+    base = sd15_folder(tmp_path / "base", checkpoints)
+    Image.new("RGB", (40, 24), (90, 10, 200)).save(tmp_path / "img.png")
+    out = tmp_path / "x.gif"
+    info, _ = run_ok(["--image", str(tmp_path / "img.png"), "--prompt", "p", "--base", str(base), "--adapter",
+                      str(checkpoints("tiny")["adapter"]), *FAST, "--out", str(out)], capsys)
+    assert info["models"] == {"base": str(base.resolve()), "adapter": str(checkpoints("tiny")["adapter"].resolve())}
+    c = info["scheduler"]
+    assert (c["_class_name"], c["beta_schedule"], c["set_alpha_to_one"]) == ("DDIMScheduler", "linear", True)
+    assert info["max_frames"] == 32 and frame_sizes(out) == (2, (40, 24))
+
+
+def test_parser_defaults():
+    args = cli.build_parser().parse_args([])
+    assert (args.guidance, args.strength, args.motion_scale, args.seed) == (7.5, 1.0, 0, 0)
+    assert (args.scheduler, args.convention, args.dtype, args.free_init) == ("ddim", "original", "fp32", None)
+    assert (cli.DEFAULTS["frames"], cli.DEFAULTS["steps"]) == (16, 25)
+    assert (cli.BASE, cli.ADAPTER) == ("SG161222/Realistic_Vision_V6.0_B1_noVAE", "openmmlab/PIA-condition-adapter")
+
+
+def test_model_source(tmp_path, monkeypatch):
+    """The sidecar names a local folder by its absolute path and a Hub id by the cached commit."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--owner--name"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    (repo / "snapshots" / "0123abcd" / "model_index.json").write_text("{}")
+    assert cli.model_source("owner/name") == {"id": "owner/name", "revision": "0123abcd"}
+    assert cli.model_source("owner/other") == "owner/other"
+    monkeypatch.chdir(tmp_path)
+    assert cli.model_source("hub") == str(tmp_path / "hub")
+
+
+def expected_size(w: int, h: int) -> tuple[int, int]:
+    """The rule from spec/original_pia.md §3.1, written out: shrink the long edge to <= 512 keeping the
+    aspect ratio (truncating, computed as int(x * (512 / long)) like the original), then floor to 8."""
+    long = max(w, h)
+    if long > 512:
+        w, h = int(w * (512 / long)), int(h * (512 / long))
+    return w - w % 8, h - h % 8
+
+
+@pytest.mark.parametrize("size", [(640, 480), (300, 200), (561, 300), (700, 300), (64, 64), (1024, 2048), (9, 8)])
+def test_size_from_image(size):
+    w, h = expected_size(*size)
+    assert cli.image_size(*size)[1] == (w, h)
+    assert w % 8 == 0 and h % 8 == 0 and max(w, h) <= 512
+    assert abs(w / h - size[0] / size[1]) < 0.05 * size[0] / size[1] + 8 / min(w, h)  # aspect kept to rounding
+    assert expected_size(640, 480) == (512, 384) and expected_size(300, 200) == (296, 200)
+
+
+def test_prepare_image_applies_the_rule(tmp_path):
+    """The image is shrunk and squashed to the video size (the pipeline run itself is covered with a
+    small image in test_demo_options_apply: the demo VAE's factor of 2 makes 512 px slow)."""
+    Image.new("RGBA", (640, 480), (10, 200, 30, 100)).save(tmp_path / "big.png")
+    args = cli.build_parser().parse_args(["--image", str(tmp_path / "big.png")])
+    image = cli.prepare_image(args)
+    assert image.mode == "RGB" and image.size == (512, 384) and (args.width, args.height) == (512, 384)
+    args = cli.build_parser().parse_args(["--image", str(tmp_path / "big.png"), "--height", "64", "--width", "96"])
+    assert cli.prepare_image(args).size == (640, 480)  # an explicit size: the pipeline resizes and crops
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+BAD = {
+    "frames < 1": (["--frames", "0"], "--frames must be >= 1"),
+    "steps < 1": (["--steps", "0"], "--steps must be >= 1"),
+    "scheduler": (["--scheduler", "pndm"], "invalid choice: 'pndm'"),
+    "free-init": (["--free-init", "fourier"], "invalid choice: 'fourier'"),
+    "motion scale > 8": (["--motion-scale", "9"], "--motion-scale must be in 0..8"),
+    "motion scale < 0": (["--motion-scale", "-1"], "--motion-scale must be in 0..8"),
+    "strength 0": (["--strength", "0"], "--strength must be in (0, 1]"),
+    "strength > 1": (["--strength", "1.5"], "--strength must be in (0, 1]"),
+    "strength leaves no step": (["--steps", "2", "--strength", "0.4"], "leaves no denoising step"),
+    "height not /8": (["--height", "100", "--width", "64"], "--height must be a positive multiple of 8"),
+    "width not /8": (["--height", "64", "--width", "60"], "--width must be a positive multiple of 8"),
+    "height alone": (["--height", "64"], "--height and --width go together"),
+    "extension": (["--out", "x.avi"], "--out must end in .gif, .mp4, .webp"),
+    "not a number": (["--frames", "many"], "invalid int value: 'many'"),
+    "unknown option": (["--fps", "3"], "unrecognized arguments: --fps 3"),
+}
+
+
+@pytest.mark.parametrize("demo", [True, False])
+@pytest.mark.parametrize("case", BAD)
+def test_bad_arguments(tmp_path, capsys, case, demo):
+    """Without --demo the weights do not exist: the argument error must come first (no loading)."""
+    argv, match = BAD[case]
+    out = [] if "--out" in argv else ["--out", str(tmp_path / "x.gif")]
+    if demo:
+        source = ["--demo"]
+    else:
+        Image.new("RGB", (64, 64)).save(tmp_path / "img.png")
+        source = ["--image", str(tmp_path / "img.png"), "--prompt", "p", "--base", str(tmp_path / "no_base"),
+                  "--adapter", str(tmp_path / "no_adapter")]
+    fails([*source, *argv, *out], capsys, tmp_path, match)
+
+
+def test_frames_above_max_seq_length(tmp_path, capsys):
+    from pia_torch.demo import tiny_pipeline
+
+    limit = tiny_pipeline().unet.config.motion.max_seq_length
+    fails(["--demo", "--frames", str(limit + 1), "--steps", "1", "--out", str(tmp_path / "x.gif")], capsys,
+          tmp_path, f"--frames must be <= {limit}")
+
+
+def test_missing_and_unreadable_image(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "x.gif")]
+    fails(["--demo", "--image", str(tmp_path / "nope.png"), *out], capsys, tmp_path, "image not found")
+    (tmp_path / "junk.png").write_bytes(b"\x89PNG not really")
+    fails(["--demo", "--image", str(tmp_path / "junk.png"), *out], capsys, tmp_path, "cannot read image")
+    Image.new("RGB", (4, 30)).save(tmp_path / "thin.png")
+    fails(["--demo", "--image", str(tmp_path / "thin.png"), *out], capsys, tmp_path, "too small")
+
+
+def test_image_and_prompt_required(tmp_path, capsys):
+    fails(["--out", str(tmp_path / "x.gif")], capsys, tmp_path, "--image and --prompt are required")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_no_cuda(tmp_path, capsys):
+    fails(["--demo", "--device", "cuda", "--out", str(tmp_path / "x.gif")], capsys, tmp_path, "CUDA is not available")
+
+
+def test_weights_not_found_offline(tmp_path, tmp_path_factory, monkeypatch, capsys, checkpoints):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path_factory.mktemp("empty_cache")))
+    Image.new("RGB", (64, 64)).save(tmp_path / "img.png")
+    common = ["--image", str(tmp_path / "img.png"), "--prompt", "p", "--out", str(tmp_path / "x.gif")]
+    fails([*common, "--adapter", "nobody/no-such-model"], capsys, tmp_path,
+          "nobody/no-such-model: weights not found offline")
+    fails([*common, "--adapter", str(checkpoints("tiny")["adapter"]), "--base", "nobody/no-such-base"], capsys,
+          tmp_path, "nobody/no-such-base: weights not found offline")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_damaged_weights(tmp_path, capsys, checkpoints, damage):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(checkpoints("tiny")["adapter"], adapter)
+    weights = adapter / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\0" * 64 + data[64:])
+    Image.new("RGB", (64, 64)).save(tmp_path / "img.png")
+    fails(["--image", str(tmp_path / "img.png"), "--prompt", "p", "--adapter", str(adapter),
+           "--base", str(tmp_path / "base_not_reached"), "--out", str(tmp_path / "x.gif")], capsys, tmp_path,
+          f"cannot read {weights}")
