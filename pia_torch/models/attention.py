@@ -1,0 +1,97 @@
+"""Attention, the GEGLU feed-forward and the transformer block shared by the spatial and motion layers.
+
+Mirrors diffusers 0.42.1 `models/attention_processor.py` (`Attention` + `AttnProcessor2_0`),
+`models/attention.py` (`BasicTransformerBlock`, `FeedForward`) and `models/activations.py` (`GEGLU`).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
+    """Multi-head scaled dot-product attention, scale d^-1/2, no mask.
+
+    q (N, n, nh*d), k and v (N, m, nh*d) -> (N, n, nh*d).
+    """
+    q, k, v = (rearrange(x, "N n (nh d) -> N nh n d", nh=heads) for x in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v)  # (N, nh, n, d)
+    return rearrange(out, "N nh n d -> N n (nh d)")
+
+
+class Attention(nn.Module):
+    """q from x, k/v from `context` (cross-attention) or from x (self-attention); then `to_out`."""
+
+    def __init__(
+        self,
+        query_dim: int,
+        *,
+        heads: int,
+        dim_head: int,
+        context_dim: int | None = None,
+        qkv_bias: bool = False,
+        out_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=qkv_bias)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=qkv_bias)
+        self.to_out = nn.Linear(inner, query_dim, bias=out_bias)  # diffusers: to_out.0
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """x (N, n, c), context (N, m, c_ctx) or None -> (N, n, c)."""
+        context = x if context is None else context
+        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward: proj_out(a * gelu(g)) with [a | g] = proj_in(x) (exact erf GELU)."""
+
+    def __init__(self, dim: int, mult: int = 4) -> None:
+        super().__init__()
+        self.proj_in = nn.Linear(dim, 2 * mult * dim)  # diffusers: ff.net.0.proj
+        self.proj_out = nn.Linear(mult * dim, dim)  # diffusers: ff.net.2
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., c) -> (..., c)."""
+        a, gate = self.proj_in(x).chunk(2, dim=-1)
+        return self.proj_out(a * F.gelu(gate))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: self-attention, a second attention, GEGLU feed-forward (`BasicTransformerBlock`).
+
+    Spatial layers: attn2 is cross-attention to the text (`context_dim` set). Motion layers: attn2 is a
+    second self-attention (`context_dim=None`) and `pos` (the frame embedding) is added to the
+    normalised input of both attentions, so it reaches q, k and v but never the residual stream.
+    """
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads=heads, dim_head=dim // heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads=heads, dim_head=dim // heads, context_dim=context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, pos: Tensor | None = None) -> Tensor:
+        """x (N, n, c); context (N, l, d) per row, or (b, l, d) shared by the N = b*f rows; pos (1, n, c).
+
+        Returns (N, n, c). With shared context the frames are folded into the query sequence, so the
+        text keys/values are computed once per video (same result as repeating the text per frame).
+        """
+        h = self.norm1(x)
+        x = x + self.attn1(h if pos is None else h + pos)
+        h = self.norm2(x)
+        h = h if pos is None else h + pos
+        if context is not None and context.shape[0] != x.shape[0]:
+            h = rearrange(h, "(b f) n c -> b (f n) c", b=context.shape[0])  # queries of all frames
+            x = x + rearrange(self.attn2(h, context), "b (f n) c -> (b f) n c", n=x.shape[1])
+        else:
+            x = x + self.attn2(h, context)
+        return x + self.ff(self.norm3(x))

@@ -1,0 +1,155 @@
+"""Layer 1 parity: each pia_torch block against the diffusers 0.42.1 module it mirrors (fp32, CPU).
+
+Every reference is built here with random weights (constant ones perturbed by `randomize_`), its
+weights are copied into the pia_torch block through the CONTRACT renames, and outputs are compared.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import randomize_
+from diffusers.models.attention import FeedForward as RefFeedForward
+from diffusers.models.attention_processor import Attention as RefAttention
+from diffusers.models.downsampling import Downsample2D
+from diffusers.models.embeddings import SinusoidalPositionalEmbedding, Timesteps
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
+from diffusers.models.upsampling import Upsample2D
+
+from pia_torch.models.attention import Attention, FeedForward
+from pia_torch.models.blocks import Downsample, ResnetBlock, SpatialTransformer, Upsample, timestep_embedding
+from pia_torch.models.motion import TemporalTransformer, frame_positions
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+# CONTRACT renames, matched on whole components (a standalone FeedForward's keys start at `net.`).
+RENAMES = [(".to_out.0.", ".to_out."), (".net.0.proj.", ".proj_in."), (".net.2.", ".proj_out."),
+           (".downsamplers.0.", ".downsample."), (".upsamplers.0.", ".upsample.")]
+
+
+def copy_from_diffusers(module: torch.nn.Module, ref: torch.nn.Module) -> torch.nn.Module:
+    """Load ref's weights into module with the CONTRACT renames; `pos_embed.pe` is recomputed, not loaded."""
+    sd = {}
+    for key, value in ref.state_dict().items():
+        if key.endswith("pos_embed.pe"):
+            continue
+        key = "." + key
+        for old, new in RENAMES:
+            key = key.replace(old, new)
+        sd[key[1:]] = value
+    module.load_state_dict(sd, strict=True)
+    return module.eval()
+
+
+def _ref(cls, *args, seed: int = 0, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return randomize_(cls(*args, **kwargs).eval(), seed + 1)
+
+
+@pytest.mark.parametrize("dim", [320, 32, 7])
+def test_timestep_embedding_exact(dim):
+    t = torch.cat([torch.arange(0, 1000, 7), torch.tensor([999, 0, 1])])
+    ref = Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+    assert torch.equal(timestep_embedding(t, dim), ref(t))
+    frac = torch.tensor([999.0, 937.25, 0.5, 12.3456], dtype=torch.float64)  # Euler timesteps are fractional
+    assert torch.equal(timestep_embedding(frac, dim), ref(frac))
+    assert torch.equal(timestep_embedding(t, dim, flip_sin_to_cos=False, shift=1), Timesteps(dim, False, 1)(t))
+
+
+@pytest.mark.parametrize(
+    "cin,cout,temb,groups,eps", [(32, 32, 64, 8, 1e-5), (32, 64, 64, 8, 1e-5), (16, 32, None, 4, 1e-6)]
+)
+def test_resnet_block(cin, cout, temb, groups, eps):
+    ref = _ref(ResnetBlock2D, in_channels=cin, out_channels=cout, temb_channels=temb, groups=groups, eps=eps)
+    block = copy_from_diffusers(ResnetBlock(cin, cout, temb_channels=temb, groups=groups, eps=eps), ref)
+    assert (block.conv_shortcut is None) == (cin == cout)
+    x = torch.randn(3, cin, 9, 7)
+    e = torch.randn(3, temb) if temb else None
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, e), ref(x, e), **TOL)
+
+
+@pytest.mark.parametrize("padding", [1, 0])
+@pytest.mark.parametrize("hw", [(8, 8), (9, 7)])
+def test_downsample(padding, hw):
+    ref = _ref(Downsample2D, 16, use_conv=True, out_channels=16, padding=padding, name="op")
+    block = copy_from_diffusers(Downsample(16, padding=padding), ref)
+    x = torch.randn(2, 16, *hw)
+    with torch.no_grad():
+        out = block(x)
+        torch.testing.assert_close(out, ref(x), **TOL)
+    ceil = padding == 1  # UNet: ceil(n/2); VAE (pad right/bottom, no padding): floor(n/2)
+    assert out.shape[-2:] == tuple((n + ceil) // 2 for n in hw)
+
+
+@pytest.mark.parametrize("size", [None, (9, 12), (5, 7)])
+def test_upsample(size):
+    ref = _ref(Upsample2D, 16, use_conv=True, out_channels=16)
+    block = copy_from_diffusers(Upsample(16), ref)
+    x = torch.randn(2, 16, 4, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, size), ref(x, output_size=size), **TOL)
+
+
+@pytest.mark.parametrize("context_dim,qkv_bias", [(None, False), (24, False), (None, True)])
+def test_attention(context_dim, qkv_bias):
+    ref = _ref(RefAttention, 32, heads=4, dim_head=8, cross_attention_dim=context_dim, bias=qkv_bias, out_bias=True)
+    block = copy_from_diffusers(Attention(32, heads=4, dim_head=8, context_dim=context_dim, qkv_bias=qkv_bias), ref)
+    x = torch.randn(3, 10, 32)
+    ctx = torch.randn(3, 7, context_dim) if context_dim else None
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, ctx), ref(x, encoder_hidden_states=ctx), **TOL)
+
+
+def test_feed_forward_geglu():
+    ref = _ref(RefFeedForward, 32, activation_fn="geglu")
+    block = copy_from_diffusers(FeedForward(32), ref)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), ref(x), **TOL)
+
+
+def test_spatial_transformer_per_frame_and_shared_text():
+    c, heads, ctx_dim, groups = 32, 4, 24, 8
+    ref = _ref(
+        Transformer2DModel, heads, c // heads, in_channels=c, cross_attention_dim=ctx_dim, norm_num_groups=groups
+    )
+    block = copy_from_diffusers(SpatialTransformer(c, heads=heads, context_dim=ctx_dim, groups=groups), ref)
+    b, f = 2, 3
+    x = torch.randn(b * f, c, 5, 6)
+    text = torch.randn(b, 7, ctx_dim)
+    per_frame = text.repeat_interleave(f, dim=0)  # ((b f), l, d), b-major like diffusers' pipeline
+    with torch.no_grad():
+        want = ref(x, encoder_hidden_states=per_frame, return_dict=False)[0]
+        torch.testing.assert_close(block(x, per_frame), want, **TOL)
+        torch.testing.assert_close(block(x, text), want, **TOL)  # keys/values once per video
+
+
+@pytest.mark.parametrize("frames", [1, 2, 5, 16])
+def test_motion_module(frames):
+    c, heads, groups = 32, 4, 8
+    ref = _ref(
+        AnimateDiffTransformer3D, num_attention_heads=heads, attention_head_dim=c // heads, in_channels=c,
+        norm_num_groups=groups, positional_embeddings="sinusoidal", num_positional_embeddings=24,
+        double_self_attention=True, activation_fn="geglu",
+    )
+    block = TemporalTransformer(c, heads=heads, groups=groups, max_seq_length=24, norm_over_frames=True)
+    copy_from_diffusers(block, ref)
+    x = torch.randn(2 * frames, c, 3, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, frames), ref(x, num_frames=frames), **TOL)
+
+
+def test_motion_module_rejects_too_many_frames():
+    block = TemporalTransformer(16, heads=2, groups=4, max_seq_length=4, norm_over_frames=True)
+    with pytest.raises(ValueError, match="max_seq_length"):
+        block(torch.randn(5, 16, 2, 2), 5)
+
+
+@pytest.mark.parametrize("channels,length", [(320, 32), (1280, 32), (32, 24), (8, 32)])
+def test_frame_positions_bit_identical(channels, length):
+    want = SinusoidalPositionalEmbedding(channels, max_seq_length=length).pe
+    got = frame_positions(length, channels)
+    assert got.dtype == torch.float32 and got.shape == (1, length, channels)
+    assert torch.equal(got, want)
