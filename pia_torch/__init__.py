@@ -10,3 +10,15 @@ Video tensors are (b, c, f, h, w); inside the UNet frames are folded into the ba
 """
 
 __version__ = "0.1.0"
+
+from pia_torch.config import MotionConfig, UNetConfig, VAEConfig
+from pia_torch.loading import MotionAdapter
+from pia_torch.models.unet import UNet
+from pia_torch.models.vae import AutoencoderKL
+from pia_torch.pipeline import PIAPipeline, PIAPipelineOutput
+from pia_torch.sampling import DDIMScheduler, EulerDiscreteScheduler
+
+__all__ = [
+    "AutoencoderKL", "DDIMScheduler", "EulerDiscreteScheduler", "MotionAdapter", "MotionConfig", "PIAPipeline",
+    "PIAPipelineOutput", "UNet", "UNetConfig", "VAEConfig",
+]

@@ -1,0 +1,505 @@
+"""PIAPipeline: image + prompt -> video, a drop-in for diffusers 0.42.1 `PIAPipeline`.
+
+The pipeline is a thin shell over plain functions you can call yourself (DESIGN.md §1):
+
+    pixels = preprocess_image(image, H, W)                               (n, 3, H, W) in [-1, 1]
+    text   = encode_text(text_encoder, tokenize(tokenizer, prompts))     (b, l, d)  [models/text.py]
+    cond   = encode_condition(vae, pixels, generator, b)                 (b, 4, h, w) × scaling_factor
+    mask, cond = condition_inputs(cond, mask_coefficients(f, motion_scale))   (b, 1|4, f, h, w)
+    denoise = make_denoiser(unet, scheduler, text, mask, cond, guidance_scale)
+    x0 = sample(denoise, x_T, timesteps, scheduler.step)                 [sampling.py, freeinit.py]
+    video = decode_latents(vae, x0)                                      (b, 3, f, H, W)
+
+Numbers match diffusers (spec/pipeline.md: RNG order and dtypes included) wherever diffusers works.
+Where it does not, pia_torch does what the argument promises (spec/pipeline.md §10): an image whose
+size differs from (height, width) is resized to cover it and center-cropped (diffusers nearest-resizes
+its latent); `num_videos_per_prompt` is honoured; with strength < 1 each video starts from its own
+image; clip_skip works under transformers 5.x and applies to the negative prompt too; FreeInit keeps
+the strength and works with Euler (freeinit.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from pia_torch import hub
+from pia_torch.freeinit import free_init
+from pia_torch.loading import MotionAdapter, load_unet, load_vae
+from pia_torch.models.text import encode_text, tokenize
+from pia_torch.models.unet import UNet
+from pia_torch.models.vae import AutoencoderKL
+from pia_torch.sampling import DDIMScheduler, EulerDiscreteScheduler, Generator, prepare_timesteps, randn_tensor, sample
+
+logger = logging.getLogger("pia_torch")
+
+ImageInput = PIL.Image.Image | np.ndarray | Tensor | Sequence[PIL.Image.Image | np.ndarray | Tensor]
+
+# Inter-frame affinity presets (diffusers' RANGE_list): frame i is conditioned with weight coef[i].
+# 0-2: small / moderate / large motion; 3-5: loops (16 frames); 6-8: style transfer, small to large.
+# (The original PIA repo orders 6 and 8 the other way round; see spec/original_pia.md §3.3.)
+MOTION_PRESETS: tuple[tuple[float, ...], ...] = (
+    (1.0, 0.9, 0.85, 0.85, 0.85, 0.8),
+    (1.0, 0.8, 0.8, 0.8, 0.79, 0.78, 0.75),
+    (1.0, 0.8, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.6, 0.5, 0.5),
+    (1.0, 0.9, 0.85, 0.85, 0.85, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.85, 0.85, 0.9, 1.0),
+    (1.0, 0.8, 0.8, 0.8, 0.79, 0.78, 0.75, 0.75, 0.75, 0.75, 0.75, 0.78, 0.79, 0.8, 0.8, 1.0),
+    (1.0, 0.8, 0.7, 0.7, 0.7, 0.7, 0.6, 0.5, 0.5, 0.6, 0.7, 0.7, 0.7, 0.7, 0.8, 1.0),
+    (0.5, 0.4, 0.4, 0.4, 0.35, 0.3),
+    (0.5, 0.4, 0.4, 0.4, 0.35, 0.35, 0.3, 0.25, 0.2),
+    (0.5, 0.2),
+)
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+CALLBACK_TENSORS = ("latents", "prompt_embeds", "negative_prompt_embeds")
+
+
+# --------------------------------------------------------------------------------------------- functions
+
+def mask_coefficients(num_frames: int, motion_scale: int = 0, cond_frame: int = 0) -> list[float]:
+    """Per-frame affinity to the condition frame: preset row `motion_scale` (negative indices count from
+    the end, as in diffusers), padded with its last value; frame i gets row[|i − cond_frame|]."""
+    if not isinstance(motion_scale, int) or not -len(MOTION_PRESETS) <= motion_scale < len(MOTION_PRESETS):
+        raise ValueError(f"motion_scale must be an int in [-9, 8], got {motion_scale!r}")
+    if not 0 <= cond_frame < num_frames:
+        raise ValueError(f"need 0 <= cond_frame < num_frames, got {cond_frame} and {num_frames}")
+    row = MOTION_PRESETS[motion_scale]
+    return [row[min(abs(i - cond_frame), len(row) - 1)] for i in range(num_frames)]
+
+
+def _to_tensor(image: ImageInput) -> Tensor:
+    """PIL / numpy (H, W, C) or (n, H, W, C) / torch (C, H, W) or (n, C, H, W), or lists of them ->
+    (n, 3, H, W) floats in [0, 1] (or in [-1, 1] for signed float input, as diffusers accepts)."""
+    items = list(image) if isinstance(image, (list, tuple)) else [image]
+    if not items:
+        raise ValueError("no image given")
+    if all(isinstance(i, PIL.Image.Image) for i in items):  # diffusers: np.array(img) / 255 in float32
+        arrays = [np.array(i.convert("RGB")).astype(np.float32) / 255.0 for i in items]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    if all(isinstance(i, np.ndarray) for i in items):
+        x = np.concatenate([i[None] if i.ndim == 3 else i for i in items])     # (n, H, W, C)
+        x = torch.from_numpy(x).permute(0, 3, 1, 2)
+    elif all(isinstance(i, Tensor) for i in items):
+        x = torch.cat([i[None] if i.ndim == 3 else i for i in items])          # (n, C, H, W)
+    else:
+        raise ValueError(f"image must be PIL images, numpy arrays or torch tensors, got {type(items[0]).__name__}")
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected RGB images (H, W, 3) / (3, H, W) (batched or not), got shape {tuple(x.shape)}")
+    return x.float() / 255 if x.dtype == torch.uint8 else x                    # diffusers would not rescale uint8
+
+
+def preprocess_image(image: ImageInput, height: int, width: int) -> Tensor:
+    """Images -> (n, 3, height, width) in [-1, 1], float32 (float64 stays float64).
+
+    An image of another size is resized to cover (height, width), keeping its aspect ratio (bicubic,
+    antialiased), then center-cropped. Same size: exactly diffusers' preprocessing (x -> 2x − 1).
+    """
+    x = _to_tensor(image)
+    if x.min() >= 0:  # diffusers leaves input that is already in [-1, 1] as it is
+        x = 2.0 * x - 1.0
+    h, w = x.shape[-2:]
+    if (h, w) != (height, width):
+        scale = max(height / h, width / w)
+        size = (max(height, round(h * scale)), max(width, round(w * scale)))
+        x = F.interpolate(x.float(), size=size, mode="bicubic", antialias=True, align_corners=False).to(x.dtype)
+        top, left = (size[0] - height) // 2, (size[1] - width) // 2
+        x = x[:, :, top:top + height, left:left + width].clamp(-1, 1)
+    return x
+
+
+def encode_condition(vae: AutoencoderKL, pixels: Tensor, generator: Generator, num_videos: int) -> Tensor:
+    """pixels (n, 3, H, W) -> condition latents (b, c, H/s, W/s), a posterior *sample* × scaling_factor.
+
+    Image i conditions videos [i·r, (i+1)·r), r = b/n. One generator: one encode and one draw for all n
+    images (diffusers); a list of b generators: video k draws from generator k, on its own image.
+    """
+    n = pixels.shape[0]
+    if num_videos % n:
+        raise ValueError(f"{n} images cannot be spread over {num_videos} videos")
+    r = num_videos // n
+    if isinstance(generator, (list, tuple)) and len(generator) > 1:
+        if len(generator) != num_videos:
+            raise ValueError(f"got {len(generator)} generators for {num_videos} videos")
+        z = torch.cat([vae.encode(pixels[k // r:k // r + 1]).sample(g) for k, g in enumerate(generator)])
+    else:
+        g = generator[0] if isinstance(generator, (list, tuple)) else generator
+        z = vae.encode(pixels).sample(g).repeat_interleave(r, dim=0)       # (b, c, h, w)
+    return z * vae.config.scaling_factor
+
+
+def condition_inputs(cond: Tensor, coefficients: Sequence[float]) -> tuple[Tensor, Tensor]:
+    """cond (b, c, h, w), one coefficient per frame -> mask (b, 1, f, h, w) = coef[f] and the condition
+    repeated over frames (b, c, f, h, w): UNet input channels 4 and 5..8."""
+    b, c, h, w = cond.shape
+    coef = torch.tensor(coefficients, dtype=torch.float32).to(cond)        # fp16 rounds like diffusers
+    mask = coef.view(1, 1, -1, 1, 1).expand(b, 1, -1, h, w).contiguous()
+    return mask, cond[:, :, None].expand(-1, -1, len(coefficients), -1, -1).contiguous()
+
+
+def make_denoiser(unet: UNet, scheduler: Any, text: Tensor, mask: Tensor, cond: Tensor,
+                  guidance_scale: float) -> Callable[[Tensor, Tensor], Tensor]:
+    """The model closure for `sampling.sample`: x (b, 4, f, h, w), t -> ε (b, 4, f, h, w).
+
+    With classifier-free guidance (guidance_scale > 1) text, mask and cond hold 2b rows [uncond, cond];
+    ε = ε_u + g·(ε_c − ε_u). Text states are (b', l, d), shared by every frame of a video. The
+    `text` attribute of the returned function may be replaced between steps.
+    """
+    cfg = guidance_scale > 1
+
+    def denoise(x: Tensor, t: Tensor) -> Tensor:
+        x_in = scheduler.scale_model_input(torch.cat([x] * 2) if cfg else x, t)
+        x_in = torch.cat([x_in, mask, cond], dim=1)                        # (b', 4 + 1 + 4, f, h, w)
+        eps = unet(x_in, t, denoise.text)
+        if cfg:
+            eps_u, eps_c = eps.chunk(2)
+            eps = eps_u + guidance_scale * (eps_c - eps_u)
+        return eps
+
+    denoise.text = text
+    return denoise
+
+
+def decode_latents(vae: AutoencoderKL, latents: Tensor, chunk_size: int | None = None) -> Tensor:
+    """latents (b, c, f, h, w) -> video (b, 3, f, H, W) float32 in about [-1, 1]; `chunk_size` frames
+    per decode call (None: all at once, as diffusers)."""
+    z = rearrange(1 / vae.config.scaling_factor * latents, "b c f h w -> (b f) c h w")
+    chunks = z.split(chunk_size) if chunk_size else [z]
+    frames = torch.cat([vae.decode(chunk) for chunk in chunks])
+    return rearrange(frames, "(b f) c h w -> b c f h w", b=latents.shape[0]).float()
+
+
+def postprocess(video: Tensor, output_type: str = "pil") -> Any:
+    """video (b, 3, f, H, W) in [-1, 1] -> "pt": (b, f, 3, H, W) in [0, 1]; "np": (b, f, H, W, 3);
+    "pil": b lists of f RGB images (x·255 rounded)."""
+    video = (video * 0.5 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return rearrange(video, "b c f h w -> b f c h w")
+    frames = rearrange(video, "b c f h w -> b f h w c").cpu().float().numpy()
+    if output_type == "np":
+        return frames
+    if output_type == "pil":
+        return [[PIL.Image.fromarray(f) for f in (v * 255).round().astype("uint8")] for v in frames]
+    raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+
+
+# --------------------------------------------------------------------------------------------- pipeline
+
+@dataclass
+class PIAPipelineOutput:
+    """frames: (b, f, H, W, 3) np / (b, f, 3, H, W) pt / b lists of f PIL images / latents (b, 4, f, h, w)."""
+
+    frames: Any
+
+    def __getitem__(self, i: int) -> Any:
+        return (self.frames,)[i]
+
+
+class PIAPipeline:
+    """PIA: animate an image with a text prompt. Components are plain modules: `unet`, `vae`,
+    `text_encoder` (transformers CLIPTextModel), `tokenizer` (CLIPTokenizer) and `scheduler`."""
+
+    def __init__(self, vae: AutoencoderKL, text_encoder: nn.Module, tokenizer: Any, unet: UNet,
+                 scheduler: DDIMScheduler | EulerDiscreteScheduler) -> None:
+        self.vae, self.text_encoder, self.tokenizer, self.unet, self.scheduler = (
+            vae, text_encoder, tokenizer, unet, scheduler)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self._free_init: dict[str, Any] | None = None
+        self._offload_device: torch.device | None = None
+        self._checked_scheduler: Any = None
+        self._progress = True
+
+    # ----------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, repo_id_or_dir: str | Path, motion_adapter: MotionAdapter | None = None,
+                        torch_dtype: torch.dtype | None = None, variant: str | None = None,
+                        convention: str = "original", cache_dir: str | Path | None = None,
+                        local_files_only: bool | None = None, revision: str | None = None) -> PIAPipeline:
+        """A diffusers Stable Diffusion 1.5 folder or Hub repo (model_index.json, unet/, vae/, text_encoder/,
+        tokenizer/, scheduler/) + a PIA motion adapter. Only those files are fetched. `convention`
+        selects the UNet's GroupNorm convention: "original" (as PIA was trained) or "diffusers"."""
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        where = dict(cache_dir=cache_dir, local_files_only=local_files_only, revision=revision)
+        root = hub.resolve(repo_id_or_dir, ["model_index.json", "scheduler/*.json", "tokenizer/*",
+                                            "text_encoder/*.json"], **where)
+        if motion_adapter is None:
+            if not (root / "motion_adapter" / "config.json").is_file():
+                raise ValueError("PIA needs a motion adapter: pass motion_adapter="
+                                 "MotionAdapter.from_pretrained('openmmlab/PIA-condition-adapter')")
+            motion_adapter = MotionAdapter.from_pretrained(root / "motion_adapter", variant=variant)
+        dtype = torch_dtype or torch.float32
+        unet = load_unet(hub.fetch(repo_id_or_dir, "unet", variant=variant, **where), motion_adapter,
+                         convention=convention, torch_dtype=dtype, variant=variant)
+        vae = load_vae(hub.fetch(repo_id_or_dir, "vae", variant=variant, **where), torch_dtype=dtype, variant=variant)
+        text_dir, text_variant = _fetch_text_encoder(repo_id_or_dir, variant, where)
+        text_encoder = CLIPTextModel.from_pretrained(text_dir, variant=text_variant)
+        tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
+        return cls(vae, text_encoder.to(dtype).eval(), tokenizer, unet, _load_scheduler(root / "scheduler"))
+
+    # ----------------------------------------------------------------------------------- devices
+    def to(self, *args: Any, **kwargs: Any) -> PIAPipeline:
+        """Move / cast every model, like nn.Module.to (a device, a dtype, or both)."""
+        for module in (self.unet, self.vae, self.text_encoder):
+            if module is not None:
+                module.to(*args, **kwargs)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
+        """Keep the models on the CPU and move each to the accelerator only while it runs. Without an
+        accelerator this logs and does nothing (diffusers 0.42.1 raises)."""
+        if device is None and not torch.cuda.is_available():
+            logger.info("enable_model_cpu_offload(): no accelerator found, nothing to offload; running on %s",
+                        self.device)
+            return
+        self._offload_device = torch.device(device or f"cuda:{gpu_id or 0}")
+        self.to("cpu")
+
+    @contextmanager
+    def _on_device(self, module: nn.Module | None) -> Iterator[None]:
+        """With CPU offload: `module` sits on the accelerator for the duration of the block only."""
+        if self._offload_device is None or module is None:
+            yield
+            return
+        module.to(self._offload_device)
+        try:
+            yield
+        finally:
+            module.to("cpu")
+
+    # ----------------------------------------------------------------------------------- switches
+    def enable_free_init(self, num_iters: int = 3, use_fast_sampling: bool = False, method: str = "butterworth",
+                         order: int = 4, spatial_stop_frequency: float = 0.25,
+                         temporal_stop_frequency: float = 0.25) -> None:
+        """FreeInit (Wu et al. 2023): re-run sampling `num_iters` times from noise whose low frequencies
+        come from the previous result (freeinit.py)."""
+        self._free_init = dict(num_iters=num_iters, use_fast_sampling=use_fast_sampling, method=method,
+                               order=order, spatial_stop_frequency=spatial_stop_frequency,
+                               temporal_stop_frequency=temporal_stop_frequency)
+
+    def disable_free_init(self) -> None:
+        self._free_init = None
+
+    @property
+    def free_init_enabled(self) -> bool:
+        return self._free_init is not None
+
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        """FreeU (Si et al. 2023) on the UNet's decoder: skip features × s, backbone features × b."""
+        self.unet.enable_freeu(s1, s2, b1, b2)
+
+    def disable_freeu(self) -> None:
+        self.unet.disable_freeu()
+
+    def enable_vae_slicing(self) -> None:
+        """Decode one frame at a time (less memory, same video up to ~1e-7)."""
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        self.vae.disable_slicing()
+
+    def enable_vae_tiling(self) -> None:
+        """Encode and decode large frames in overlapping tiles."""
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        self.vae.disable_tiling()
+
+    def set_progress_bar_config(self, disable: bool = False, **_: Any) -> None:
+        self._progress = not disable
+
+    # ----------------------------------------------------------------------------------- steps
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str | list[str] | None, negative_prompt: str | list[str] | None = None, *,
+                      do_classifier_free_guidance: bool = True, prompt_embeds: Tensor | None = None,
+                      negative_prompt_embeds: Tensor | None = None, clip_skip: int | None = None,
+                      device: torch.device | None = None) -> tuple[Tensor, Tensor | None]:
+        """Prompts -> (positive (b, l, d), negative (b, l, d) or None without guidance), in the text
+        encoder's dtype. clip_skip applies to both sides; "" is the default negative prompt."""
+        device = device or self._execution_device
+        dtype = self.text_encoder.dtype if self.text_encoder is not None else self.dtype
+
+        def encode(texts: list[str], length: int | None = None) -> Tensor:
+            with self._on_device(self.text_encoder):
+                ids = tokenize(self.tokenizer, texts, length).to(self.text_encoder.device)
+                return encode_text(self.text_encoder, ids, clip_skip).to(device, dtype)
+
+        if prompt_embeds is None:
+            prompt_embeds = encode([prompt] if isinstance(prompt, str) else list(prompt))
+        if not do_classifier_free_guidance:
+            return prompt_embeds.to(device, dtype), None
+        if negative_prompt_embeds is None:
+            b = prompt_embeds.shape[0]
+            negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * b
+            if len(negatives) != b:
+                raise ValueError(f"{len(negatives)} negative prompts for {b} prompts")
+            negative_prompt_embeds = encode(negatives, prompt_embeds.shape[1])
+        return prompt_embeds.to(device, dtype), negative_prompt_embeds.to(device, dtype)
+
+    @property
+    def _execution_device(self) -> torch.device:
+        return self._offload_device or self.device
+
+    def _check_scheduler(self) -> None:
+        """Log once per scheduler when its config is known to hurt PIA (docs tip; spec/schedulers.md §3.3)."""
+        if self._checked_scheduler is self.scheduler:
+            return
+        self._checked_scheduler = self.scheduler
+        config = self.scheduler.config
+        if config.get("beta_schedule") != "linear" or config.get("clip_sample", False):
+            logger.warning("scheduler has beta_schedule=%r, clip_sample=%r: PIA was trained with "
+                           "beta_schedule='linear' and works best without clip_sample",
+                           config.get("beta_schedule"), config.get("clip_sample", False))
+
+    # ----------------------------------------------------------------------------------- call
+    @torch.no_grad()
+    def __call__(self, image: ImageInput, prompt: str | list[str] | None = None, strength: float = 1.0,
+                 num_frames: int = 16, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 negative_prompt: str | list[str] | None = None, num_videos_per_prompt: int = 1, eta: float = 0.0,
+                 generator: torch.Generator | list[torch.Generator] | None = None, latents: Tensor | None = None,
+                 prompt_embeds: Tensor | None = None, negative_prompt_embeds: Tensor | None = None,
+                 motion_scale: int = 0, output_type: str = "pil", return_dict: bool = True,
+                 clip_skip: int | None = None, callback_on_step_end: Callable[..., dict] | None = None,
+                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+                 decode_chunk_size: int | None = None) -> PIAPipelineOutput | tuple:
+        """Animate `image` guided by `prompt`; returns `.frames` (see PIAPipelineOutput).
+
+        height/width default to unet.config.sample_size × vae_scale_factor; strength < 1 starts from the
+        partially noised image (img2img); motion_scale picks a MOTION_PRESETS row; guidance_scale > 1 turns
+        classifier-free guidance on; callback_on_step_end(pipe, i, t, {name: tensor}) may return
+        replacements for "latents" / "prompt_embeds"; decode_chunk_size frames go through the VAE at a time.
+        """
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        if height % 8 or width % 8:
+            raise ValueError(f"height and width must be multiples of 8, got {height} and {width}")
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("pass exactly one of prompt and prompt_embeds")
+        if prompt is not None and not isinstance(prompt, (str, list)):
+            raise ValueError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass at most one of negative_prompt and negative_prompt_embeds")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if not set(callback_on_step_end_tensor_inputs) <= set(CALLBACK_TENSORS):
+            raise ValueError(f"callback_on_step_end_tensor_inputs must be among {CALLBACK_TENSORS}")
+        if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
+            raise ValueError(f"num_videos_per_prompt must be an int >= 1, got {num_videos_per_prompt!r}")
+        max_frames = self.unet.config.motion.max_seq_length if self.unet.config.motion else num_frames
+        if not 1 <= num_frames <= max_frames:
+            raise ValueError(f"num_frames must be in [1, {max_frames}], got {num_frames}")
+        coefficients = mask_coefficients(num_frames, motion_scale)
+        self._check_scheduler()
+        device, cfg = self._execution_device, guidance_scale > 1
+
+        # 1. text states (b, l, d): one row per video, [negative; positive] with guidance
+        text, negative = self.encode_prompt(
+            prompt, negative_prompt, do_classifier_free_guidance=cfg, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip, device=device)
+        num_videos = text.shape[0] * num_videos_per_prompt
+        text = text.repeat_interleave(num_videos_per_prompt, dim=0)
+        if cfg:
+            negative = negative.repeat_interleave(num_videos_per_prompt, dim=0)
+            text = torch.cat([negative, text])                                  # (2b, l, d)
+
+        # 2. timesteps, then the draws in diffusers' order: x_T, the image posterior, the strength noise
+        timesteps = prepare_timesteps(self.scheduler, num_inference_steps, strength, device)
+        shape = (num_videos, 4, num_frames, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if isinstance(generator, (list, tuple)) and len(generator) != num_videos:
+            raise ValueError(f"got {len(generator)} generators for {num_videos} videos")
+        if latents is None:
+            noise = randn_tensor(shape, generator, device, text.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        else:
+            noise = latents.to(device)
+        latents = noise * self.scheduler.init_noise_sigma
+        with self._on_device(self.vae):
+            pixels = preprocess_image(image, height, width).to(device, next(self.vae.parameters()).dtype)
+            if pixels.shape[0] not in (1, num_videos // num_videos_per_prompt, num_videos):
+                raise ValueError(f"{pixels.shape[0]} images for {num_videos // num_videos_per_prompt} prompts")
+            cond = encode_condition(self.vae, pixels, generator, num_videos).to(device, self.dtype)
+        mask, cond = condition_inputs(cond, coefficients)                       # (b, 1|4, f, h, w)
+        if strength < 1:
+            noise = randn_tensor(shape, generator, device, latents.dtype)
+            latents = self.scheduler.add_noise(cond, noise, timesteps[:1].repeat(num_videos))
+        if cfg:
+            mask, cond = torch.cat([mask] * 2), torch.cat([cond] * 2)
+
+        # 3. denoise (FreeInit: an outer loop of whole passes)
+        denoise = make_denoiser(self.unet, self.scheduler, text, mask, cond, guidance_scale)
+        step = partial(self.scheduler.step, eta=eta, generator=generator)
+
+        def on_step(state: dict[str, Any]) -> dict[str, Tensor] | None:
+            values = {"latents": state["x"], "prompt_embeds": denoise.text, "negative_prompt_embeds": negative}
+            out = callback_on_step_end(self, state["i"], state["t"],
+                                       {k: values[k] for k in callback_on_step_end_tensor_inputs}) or {}
+            denoise.text = out.get("prompt_embeds", denoise.text)
+            return {"x": out["latents"]} if "latents" in out else None
+
+        def run_pass(x: Tensor, ts: Tensor) -> Tensor:
+            return sample(denoise, x, ts, step, on_step if callback_on_step_end else None, self._progress)
+
+        with self._on_device(self.unet):
+            if self._free_init is None:
+                latents = run_pass(latents, timesteps)
+            else:
+                latents = free_init(run_pass, latents, noise, self.scheduler, num_inference_steps, strength,
+                                    generator=generator, device=device, **self._free_init)
+
+        # 4. decode
+        if output_type == "latent":
+            frames = latents
+        else:
+            with self._on_device(self.vae):
+                frames = postprocess(decode_latents(self.vae, latents, decode_chunk_size), output_type)
+        return PIAPipelineOutput(frames=frames) if return_dict else (frames,)
+
+
+# --------------------------------------------------------------------------------------------- loading helpers
+
+def _fetch_text_encoder(repo: str | Path, variant: str | None, where: dict) -> tuple[Path, str | None]:
+    """text_encoder/ with one set of transformers weights (the variant's first, safetensors first) and
+    the variant it holds (None: the plain files)."""
+    for stem, ext in [("model", "safetensors"), ("pytorch_model", "bin")]:
+        for v in dict.fromkeys((variant, None)):
+            name = f"{stem}.{v}" if v else stem
+            patterns = ["config.json", f"{name}.{ext}", f"{name}-*-of-*.{ext}", f"{stem}.{ext}.index*.json"]
+            try:
+                folder = hub.resolve(repo, [f"text_encoder/{p}" for p in patterns], **where) / "text_encoder"
+            except FileNotFoundError:
+                continue
+            if any(folder.glob(f"{name}.{ext}")) or any(folder.glob(f"{name}-*-of-*.{ext}")):
+                return folder, v
+    raise FileNotFoundError(f"{repo}: no text_encoder weights (model.safetensors or pytorch_model.bin)")
+
+
+def _load_scheduler(folder: Path) -> DDIMScheduler | EulerDiscreteScheduler:
+    """scheduler_config.json -> DDIM or Euler; any other class (e.g. SD1.5's PNDM) -> DDIM, same betas."""
+    config = json.loads((folder / "scheduler_config.json").read_text())
+    name = config.get("_class_name")
+    if name == "EulerDiscreteScheduler":
+        return EulerDiscreteScheduler.from_config(config)
+    if name != "DDIMScheduler":
+        logger.info("scheduler %s is not offered by pia_torch: using DDIMScheduler with the same betas", name)
+    return DDIMScheduler.from_config(config)
