@@ -311,17 +311,37 @@ def _at(table: Tensor, t: Tensor) -> Tensor:
     return table[t.reshape(1)].reshape(())
 
 
-class DDIMScheduler:
+class _Options:
+    """diffusers' config handling, shared by both schedulers: `.config` and `from_config`."""
+
+    defaults: Mapping[str, Any] = MappingProxyType({})
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._config = _make_config(type(self).__name__, self.defaults, kwargs)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> Any:
+        """Build from any diffusers scheduler config (PNDM, DDIM, Euler, ...); unused keys are ignored."""
+        return cls(**{**_init_kwargs(cls.defaults, config), **overrides})
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """A copy of the options as a plain dict (feed it to either class's `from_config`)."""
+        return copy.deepcopy(self._config)
+
+
+class DDIMScheduler(_Options):
     """DDIM (Song et al. 2021) with diffusers' `DDIMScheduler` interface and options (DDIM_DEFAULTS).
 
     Not supported: `use_clipped_model_output` and `variance_noise` of diffusers' `step`.
     """
 
+    defaults = DDIM_DEFAULTS
     order = 1
     init_noise_sigma = 1.0
 
     def __init__(self, **kwargs: Any) -> None:
-        self._config = _make_config("DDIMScheduler", DDIM_DEFAULTS, kwargs)
+        super().__init__(**kwargs)
         c = self._config
         _check_choice("prediction_type", c["prediction_type"], ("epsilon", "sample", "v_prediction"))
         _check_choice("timestep_spacing", c["timestep_spacing"], ("leading", "trailing", "linspace"))
@@ -336,16 +356,6 @@ class DDIMScheduler:
         self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(self.num_train_timesteps - 1, -1, -1)
         self._alphas, self._final = self.alphas_cumprod, self.final_alpha_cumprod
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> "DDIMScheduler":
-        """Build from any diffusers scheduler config (PNDM, DDIM, Euler, ...); unused keys are ignored."""
-        return cls(**{**_init_kwargs(DDIM_DEFAULTS, config), **overrides})
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """A copy of the options as a plain dict (feed it to either class's `from_config`)."""
-        return copy.deepcopy(self._config)
 
     def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
         c = self._config
@@ -390,7 +400,7 @@ class DDIMScheduler:
         return q_sample(x0, noise, alpha_bar)
 
 
-class EulerDiscreteScheduler:
+class EulerDiscreteScheduler(_Options):
     """Euler ODE sampler in σ-space (Karras et al. 2022) with diffusers' `EulerDiscreteScheduler`
     interface and options (EULER_DEFAULTS).
 
@@ -399,10 +409,11 @@ class EulerDiscreteScheduler:
     starts at the begin index (or at t's position in `timesteps`) and `step` advances it.
     """
 
+    defaults = EULER_DEFAULTS
     order = 1
 
     def __init__(self, **kwargs: Any) -> None:
-        self._config = _make_config("EulerDiscreteScheduler", EULER_DEFAULTS, kwargs)
+        super().__init__(**kwargs)
         c = self._config
         _check_choice("prediction_type", c["prediction_type"], ("epsilon", "sample", "original_sample", "v_prediction"))
         _check_choice("timestep_spacing", c["timestep_spacing"], ("linspace", "leading", "trailing"))
@@ -427,16 +438,6 @@ class EulerDiscreteScheduler:
         self.sigmas = torch.cat([train_sigmas(self.alphas_cumprod).flip(0), torch.zeros(1)])
         self._step_index: int | None = None
         self._begin_index: int | None = None
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> "EulerDiscreteScheduler":
-        """Build from any diffusers scheduler config (PNDM, DDIM, Euler, ...); unused keys are ignored."""
-        return cls(**{**_init_kwargs(EULER_DEFAULTS, config), **overrides})
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """A copy of the options as a plain dict (feed it to either class's `from_config`)."""
-        return copy.deepcopy(self._config)
 
     @property
     def init_noise_sigma(self) -> Tensor:
