@@ -74,6 +74,16 @@ def fast_sampling_steps(num_inference_steps: int, num_iters: int, i: int) -> int
     return max(1, int(num_inference_steps / num_iters * (i + 1)))
 
 
+def pass_steps(num_inference_steps: int, i: int, *, num_iters: int = 3, use_fast_sampling: bool = False,
+               strength: float = 1.0) -> int:
+    """The schedule length (before the strength cut) of FreeInit pass i: N, or the fast-sampling count,
+    raised where needed so that strength still keeps at least one step (int(n·strength) ≥ 1)."""
+    n = fast_sampling_steps(num_inference_steps, num_iters, i) if use_fast_sampling else num_inference_steps
+    while int(n * strength) < 1 and n < num_inference_steps:
+        n += 1
+    return n
+
+
 def free_init(run_pass: Callable[[Tensor, Tensor], Tensor], latents: Tensor, noise: Tensor, scheduler: Scheduler,
               num_inference_steps: int, strength: float = 1.0, *, num_iters: int = 3,
               use_fast_sampling: bool = False, method: str = "butterworth", order: int = 4,
@@ -82,12 +92,13 @@ def free_init(run_pass: Callable[[Tensor, Tensor], Tensor], latents: Tensor, noi
     """Run `num_iters` sampling passes; each pass after the first restarts from re-initialised noise.
 
     run_pass(latents, timesteps) -> denoised latents runs one whole sampling pass (it calls `sample`).
-    latents: the sampler's starting latents (b, c, f, h, w), already on its input scale.
+    latents: the sampler's starting latents (b, c, f, h, w), already on its input scale and made for
+      pass 0's schedule (`pass_steps(N, 0, ...)` steps: with fast sampling that is fewer than N).
     noise: the unit-variance ε these latents were made from: the raw randn draw at strength 1
       (latents = init_noise_sigma·ε), the strength noise at strength < 1.
 
     Pass 0 runs `prepare_timesteps(scheduler, N_0, strength)` on `latents`, so num_iters = 1 is a plain
-    run. Pass i ≥ 1 (N_i = N, or the fast-sampling count) re-initialises from x0 = the last output:
+    run. Pass i ≥ 1 (N_i = `pass_steps(N, i, ...)`) re-initialises from x0 = the last output:
       1. level: ᾱ = ᾱ_{T−1} and s = init_noise_sigma at strength 1 (the start was pure noise;
          diffusers' choice), else (ᾱ, s) = scheduler.vp_level(t0) at the pass's first timestep t0;
          s takes a variance-preserving latent to the sampler's input scale (1 for DDIM,
@@ -104,7 +115,8 @@ def free_init(run_pass: Callable[[Tensor, Tensor], Tensor], latents: Tensor, noi
     lpf = low_pass_filter(latents.shape, method, order=order, spatial_stop_frequency=spatial_stop_frequency,
                           temporal_stop_frequency=temporal_stop_frequency).to(latents.device)
     for i in range(num_iters):
-        steps = fast_sampling_steps(num_inference_steps, num_iters, i) if use_fast_sampling else num_inference_steps
+        steps = pass_steps(num_inference_steps, i, num_iters=num_iters, use_fast_sampling=use_fast_sampling,
+                           strength=strength)
         timesteps = prepare_timesteps(scheduler, steps, strength, device)
         if i > 0:
             if strength == 1:

@@ -37,7 +37,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from pia_torch import hub
-from pia_torch.freeinit import free_init
+from pia_torch.freeinit import free_init, pass_steps
 from pia_torch.loading import MotionAdapter, load_unet, load_vae
 from pia_torch.models.text import encode_text, tokenize
 from pia_torch.models.unet import UNet
@@ -349,7 +349,10 @@ class PIAPipeline:
             return prompt_embeds.to(device, dtype), None
         if negative_prompt_embeds is None:
             b = prompt_embeds.shape[0]
-            negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * b
+            if negative_prompt is not None and not isinstance(negative_prompt, (str, list, tuple)):
+                raise ValueError(f"negative_prompt must be a str or a list of str, got {type(negative_prompt).__name__}")
+            single = negative_prompt is None or isinstance(negative_prompt, str)
+            negatives = [negative_prompt or ""] * b if single else list(negative_prompt)
             if len(negatives) != b:
                 raise ValueError(f"{len(negatives)} negative prompts for {b} prompts")
             negative_prompt_embeds = encode(negatives, prompt_embeds.shape[1])
@@ -423,7 +426,12 @@ class PIAPipeline:
             text = torch.cat([negative, text])                                  # (2b, l, d)
 
         # 2. timesteps, then the draws in diffusers' order: x_T, the image posterior, the strength noise
-        timesteps = prepare_timesteps(self.scheduler, num_inference_steps, strength, device)
+        # With FreeInit's fast sampling the first pass is shorter: start from its noise level.
+        free_init_on = self._free_init is not None
+        first_pass = pass_steps(num_inference_steps, 0, strength=strength,
+                                num_iters=self._free_init["num_iters"] if free_init_on else 1,
+                                use_fast_sampling=free_init_on and self._free_init["use_fast_sampling"])
+        timesteps = prepare_timesteps(self.scheduler, first_pass, strength, device)
         shape = (num_videos, 4, num_frames, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if isinstance(generator, (list, tuple)) and len(generator) != num_videos:
             raise ValueError(f"got {len(generator)} generators for {num_videos} videos")

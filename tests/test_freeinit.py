@@ -12,7 +12,7 @@ from diffusers.pipelines.free_init_utils import FreeInitMixin
 from diffusers.utils.torch_utils import randn_tensor as ref_randn
 from torch.testing import assert_close
 
-from pia_torch.freeinit import fast_sampling_steps, free_init, low_pass_filter, mix_frequencies
+from pia_torch.freeinit import fast_sampling_steps, free_init, low_pass_filter, mix_frequencies, pass_steps
 from pia_torch.sampling import DDIMScheduler, EulerDiscreteScheduler, prepare_timesteps, randn_tensor, sample
 
 TOL = dict(atol=1e-6, rtol=1e-6)
@@ -147,6 +147,15 @@ def test_fast_sampling_steps_match_diffusers_formula():
     assert [fast_sampling_steps(10, 3, i) for i in range(3)] == [3, 6, 10]
     assert [fast_sampling_steps(25, 4, i) for i in range(4)] == [6, 12, 18, 25]
     assert fast_sampling_steps(2, 5, 0) == 1
+
+
+def test_pass_steps_keep_a_step_under_strength():
+    """Fast counts 3, 6, 10 (N = 10); strength 0.2 keeps int(n * 0.2) steps: 3 and 4 keep none, so the
+    first pass grows to 5 (one step); later passes and non-fast runs are unchanged."""
+    fast = dict(num_iters=3, use_fast_sampling=True)
+    assert [pass_steps(10, i, strength=0.2, **fast) for i in range(3)] == [5, 6, 10]
+    assert [pass_steps(10, i, strength=1.0, **fast) for i in range(3)] == [3, 6, 10]
+    assert pass_steps(10, 0, strength=0.2) == 10
 
 
 # ------------------------------------------------------------------------------------------ our fixes

@@ -118,6 +118,38 @@ def test_free_init_keeps_strength(pipes):
     assert seen["ref"] == [666, 333, 0] * 2
 
 
+@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+def test_free_init_fast_sampling_keeps_strength(pipes, scheduler):
+    """Fast sampling at strength < 1: pass 0 is exactly the plain run with pass 0's (shorter) schedule,
+    started from its own noise level, and a strength that would leave a short pass no step still runs."""
+    ours = pipes[1]
+    if scheduler == "euler":
+        ours.scheduler = pia_sampling.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear",
+                                                              timestep_spacing="leading")
+    # N = 9, 3 iterations: the passes have 3, 6, 9 steps before the strength cut
+    plain = run(ours, strength=0.7, num_inference_steps=3, output_type="latent")
+    ends: list[torch.Tensor] = []
+
+    def record(p, i, t, kw):
+        if i == 1:  # int(3 * 0.7) = 2 steps in pass 0: its output is the latents after step i = 1
+            ends.append(kw["latents"].clone())
+        return {}
+
+    ours.enable_free_init(num_iters=3, use_fast_sampling=True)
+    run(ours, strength=0.7, num_inference_steps=9, output_type="latent", callback_on_step_end=record)
+    torch.testing.assert_close(ends[0], plain, rtol=0, atol=1e-6)
+
+    frames = run(ours, strength=0.2, num_inference_steps=10)  # fast passes of 3, 6, 10 steps keep 0, 1, 2
+    assert np.isfinite(frames).all()
+
+
+def test_negative_prompt_tuple_is_a_list(pipes):
+    ours = pipes[1]
+    np.testing.assert_array_equal(run(ours, negative_prompt=("bad",)), run(ours, negative_prompt=["bad"]))
+    with pytest.raises(ValueError, match="negative_prompt"):
+        run(ours, negative_prompt=3)
+
+
 def test_free_init_euler(pipes):
     """Euler + FreeInit: runs (diffusers: IndexError with "leading" spacing), and every pass starts in
     Euler's σ scale: the re-initialised latents' std is within 5% of Euler's own starting latents."""
