@@ -312,12 +312,19 @@ def _at(table: Tensor, t: Tensor) -> Tensor:
 
 
 class _Options:
-    """diffusers' config handling, shared by both schedulers: `.config` and `from_config`."""
+    """What both schedulers share: diffusers' config handling (`.config`, `from_config`) and the
+    training noise schedule (`num_train_timesteps`, float32 `alphas_cumprod`)."""
 
     defaults: Mapping[str, Any] = MappingProxyType({})
 
     def __init__(self, **kwargs: Any) -> None:
-        self._config = _make_config(type(self).__name__, self.defaults, kwargs)
+        self._config = c = _make_config(type(self).__name__, self.defaults, kwargs)
+        betas = make_betas(c["beta_schedule"], c["beta_start"], c["beta_end"], c["num_train_timesteps"],
+                           c["trained_betas"])
+        if c["rescale_betas_zero_snr"]:
+            betas = rescale_zero_terminal_snr(betas)
+        self.num_train_timesteps: int = c["num_train_timesteps"]
+        self.alphas_cumprod = alphas_cumprod(betas)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> Any:
@@ -345,12 +352,6 @@ class DDIMScheduler(_Options):
         c = self._config
         _check_choice("prediction_type", c["prediction_type"], ("epsilon", "sample", "v_prediction"))
         _check_choice("timestep_spacing", c["timestep_spacing"], ("leading", "trailing", "linspace"))
-        betas = make_betas(c["beta_schedule"], c["beta_start"], c["beta_end"], c["num_train_timesteps"],
-                           c["trained_betas"])
-        if c["rescale_betas_zero_snr"]:
-            betas = rescale_zero_terminal_snr(betas)
-        self.num_train_timesteps: int = c["num_train_timesteps"]
-        self.alphas_cumprod = alphas_cumprod(betas)
         # ᾱ used after the last step: 1 (a clean sample) or ᾱ_0
         self.final_alpha_cumprod = torch.tensor(1.0) if c["set_alpha_to_one"] else self.alphas_cumprod[0]
         self.num_inference_steps: int | None = None
@@ -425,12 +426,6 @@ class EulerDiscreteScheduler(_Options):
             raise ValueError("use at most one of use_karras_sigmas and use_exponential_sigmas")
         if c["timestep_type"] == "continuous" and c["prediction_type"] == "v_prediction":
             raise ValueError("timestep_type='continuous' with v_prediction is unsupported")
-        betas = make_betas(c["beta_schedule"], c["beta_start"], c["beta_end"], c["num_train_timesteps"],
-                           c["trained_betas"])
-        if c["rescale_betas_zero_snr"]:
-            betas = rescale_zero_terminal_snr(betas)
-        self.num_train_timesteps: int = c["num_train_timesteps"]
-        self.alphas_cumprod = alphas_cumprod(betas)
         if c["rescale_betas_zero_snr"]:
             self.alphas_cumprod[-1] = 2**-24  # keep σ_{T−1} finite
         self.num_inference_steps: int | None = None
