@@ -59,7 +59,7 @@ WRITERS = {".gif": export_to_gif, ".mp4": export_to_video, ".webp": export_to_we
 MAX_SIZE = 512
 FPS = 8
 DEFAULTS = dict(frames=16, steps=25, prompt=None)
-DEMO_DEFAULTS = dict(frames=8, steps=4, prompt="clouds drifting over sunny hills")
+DEMO_DEFAULTS = dict(DEFAULTS, prompt="clouds drifting over sunny hills")
 
 
 class CLIError(Exception):
@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sample.py", description="Animate an image with PIA (Personalized Image Animator).",
         epilog="--demo runs offline in seconds on tiny random weights (pia_torch.demo.tiny_pipeline) and the "
         "bundled 64x64 example image (unless --image is given): the video is noise, a smoke test of the "
-        f"whole path. It defaults to {DEMO_DEFAULTS['frames']} frames, {DEMO_DEFAULTS['steps']} steps and "
-        "a built-in prompt unless you pass them; every other option applies and is checked as usual.",
+        "whole path. Only the weights, the image and a built-in prompt (unless --prompt is given) are swapped "
+        "in; every other option keeps its default, applies and is checked as usual.",
     )
     p.add_argument("--image", help="input image: a path or an http(s) URL (required unless --demo)")
     p.add_argument("--prompt", help="text prompt (required unless --demo)")
