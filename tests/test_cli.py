@@ -1,9 +1,9 @@
-"""scripts/sample.py: the demo end to end, the sidecar, the original defaults, and one clean error line
-(exit 2, no traceback, no file left behind) for every kind of bad input."""
+"""The `pia-torch` command (pia_torch/cli.py; scripts/sample.py wraps it): the demo end to end, the sidecar,
+the original defaults, and one clean error line (exit 2, no traceback, no file left behind, no weights
+loaded) for every kind of bad input."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -12,15 +12,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
+from pia_torch import cli
 from pia_torch.sampling import DDIMScheduler, EulerDiscreteScheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "sample.py"
-spec = importlib.util.spec_from_file_location("sample_cli", SCRIPT)
-cli = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(cli)
 
 FAST = ["--frames", "2", "--steps", "1"]
 
@@ -33,8 +32,27 @@ def run_ok(argv: list[str], capsys) -> tuple[dict, str]:
     return json.loads(out.with_suffix(".json").read_text()), err
 
 
-def fails(argv: list[str], capsys, folder: Path, match: str) -> None:
-    """Exit status 2, exactly one `error: ...` line on stderr, no traceback, nothing written in folder."""
+@pytest.fixture(autouse=True)
+def no_loading(monkeypatch, request):
+    """Record every weight load: `fails` checks that a rejected command loaded nothing."""
+    import pia_torch.demo
+
+    loads: list[str] = []
+    for owner, name in [(pia_torch.demo, "tiny_pipeline"), (cli.MotionAdapter, "from_pretrained"),
+                        (cli.PIAPipeline, "from_pretrained")]:
+        original = getattr(owner, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            loads.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, spy)
+    return loads
+
+
+def fails(argv: list[str], capsys, folder: Path, match: str, loads: list[str] | None = None) -> None:
+    """Exit status 2, exactly one `error: ...` line on stderr, no traceback, nothing written in folder;
+    with `loads` (the no_loading fixture): no weights were loaded before the error."""
     before = set(folder.rglob("*"))
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
@@ -43,6 +61,8 @@ def fails(argv: list[str], capsys, folder: Path, match: str) -> None:
     assert match in lines[0], lines[0]
     assert "Traceback" not in err
     assert set(folder.rglob("*")) == before
+    if loads is not None:
+        assert loads == [], f"weights loaded before the error: {loads}"
 
 
 def frame_sizes(path: Path) -> tuple[int, tuple[int, int]]:
@@ -85,7 +105,7 @@ def test_demo_options_apply(tmp_path, capsys):
     assert (p["scheduler"], p["free_init"], p["motion_scale"], p["strength"]) == ("euler", "gaussian", 2, 0.5)
     assert info["scheduler"]["_class_name"] == "EulerDiscreteScheduler"
     assert info["image"]["path"] == str(image.resolve())
-    assert frame_sizes(out) == (3, (96, 56))  # size from the image: 100x60 -> 96x56
+    assert frame_sizes(out) == (3, (64, 32))  # the demo working size: 100x60 -> 64x38 -> 64x32
     assert err.count("| 0/1 [") == 3  # FreeInit: a progress bar per pass (3 passes; strength 0.5: 1 step)
 
 
@@ -251,13 +271,17 @@ BAD = {
     "height alone": (["--height", "64"], "--height and --width go together"),
     "extension": (["--out", "x.avi"], "--out must end in .gif, .mp4, .webp"),
     "not a number": (["--frames", "many"], "invalid int value: 'many'"),
-    "unknown option": (["--fps", "3"], "unrecognized arguments: --fps 3"),
+    "unknown option": (["--speed", "3"], "unrecognized arguments: --speed 3"),
+    "negative guidance": (["--guidance", "-1"], "--guidance must be >= 0"),
+    "num-videos 0": (["--num-videos", "0"], "--num-videos must be >= 1"),
+    "fps 0": (["--fps", "0"], "--fps must be >= 1"),
+    "threads 0": (["--threads", "0"], "--threads must be >= 1"),
 }
 
 
 @pytest.mark.parametrize("demo", [True, False])
 @pytest.mark.parametrize("case", BAD)
-def test_bad_arguments(tmp_path, capsys, case, demo):
+def test_bad_arguments(tmp_path, capsys, case, demo, no_loading):
     """Without --demo the weights do not exist: the argument error must come first (no loading)."""
     argv, match = BAD[case]
     out = [] if "--out" in argv else ["--out", str(tmp_path / "x.gif")]
@@ -267,15 +291,111 @@ def test_bad_arguments(tmp_path, capsys, case, demo):
         Image.new("RGB", (64, 64)).save(tmp_path / "img.png")
         source = ["--image", str(tmp_path / "img.png"), "--prompt", "p", "--base", str(tmp_path / "no_base"),
                   "--adapter", str(tmp_path / "no_adapter")]
-    fails([*source, *argv, *out], capsys, tmp_path, match)
+    fails([*source, *argv, *out], capsys, tmp_path, match, no_loading)
 
 
-def test_frames_above_max_seq_length(tmp_path, capsys):
-    from pia_torch.demo import tiny_pipeline
+def test_frames_above_the_adapter_limit(tmp_path, capsys, checkpoints, no_loading):
+    """The limit is read from the adapter's config.json before any weights load (demo: the tiny UNet's)."""
+    from pia_torch.config import tiny_unet
 
-    limit = tiny_pipeline().unet.config.motion.max_seq_length
+    limit = tiny_unet().motion.max_seq_length
     fails(["--demo", "--frames", str(limit + 1), "--steps", "1", "--out", str(tmp_path / "x.gif")], capsys,
-          tmp_path, f"--frames must be <= {limit}")
+          tmp_path, f"--frames must be <= {limit}", no_loading)
+    adapter = tmp_path / "adapter"
+    shutil.copytree(checkpoints("tiny")["adapter"], adapter)
+    config = json.loads((adapter / "config.json").read_text())
+    (adapter / "config.json").write_text(json.dumps({**config, "motion_max_seq_length": 8}))
+    Image.new("RGB", (64, 64)).save(tmp_path / "img.png")
+    fails(["--image", str(tmp_path / "img.png"), "--prompt", "p", "--adapter", str(adapter), "--base",
+           str(tmp_path / "no_base"), "--frames", "9", "--out", str(tmp_path / "x.gif")], capsys, tmp_path,
+          "--frames must be <= 8 (the adapter's motion_max_seq_length), got 9", no_loading)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder on a read-only file system (a read-only tmpfs mount where the machine allows mounting,
+    else /sys, which no process may create files in)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                             capture_output=True).returncode == 0
+    yield folder if mounted else Path("/sys/kernel")
+    if mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("where", ["under a file", "read-only", "read-only, new subfolder"])
+def test_unwritable_output(tmp_path, capsys, no_loading, read_only_folder, where):
+    (tmp_path / "afile").write_text("x")
+    out = {"under a file": tmp_path / "afile" / "sub" / "x.gif", "read-only": read_only_folder / "x.gif",
+           "read-only, new subfolder": read_only_folder / "new" / "x.gif"}[where]
+    match = "is a file, not a folder" if where == "under a file" else "is not writable"
+    fails(["--demo", "--out", str(out)], capsys, tmp_path, f"cannot write {out}: ", no_loading)
+    assert cli.main(["--demo", "--out", str(out)]) == 2 and match in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_write_failure_after_sampling(tmp_path, capsys, monkeypatch):
+    """The folder disappears under the run (replaced by a file): one error line, no traceback."""
+    out = tmp_path / "gone" / "x.gif"
+
+    def vanish(*args, **kwargs):
+        (tmp_path / "gone").rmdir()
+        (tmp_path / "gone").write_text("now a file")
+        raise NotADirectoryError(20, "Not a directory", str(out))
+
+    monkeypatch.setitem(cli.WRITERS, ".gif", vanish)
+    assert cli.main(["--demo", *FAST, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(f"error: cannot write {out}") and "Traceback" not in err
+
+
+def test_loop_preset_warning(tmp_path, capsys):
+    info, err = run_ok(["--demo", "--frames", "3", "--steps", "1", "--motion-scale", "4", "--out",
+                        str(tmp_path / "x.gif")], capsys)
+    assert "warning: --motion-scale 4 is a loop preset made for 16 frames" in err
+    _, err = run_ok(["--demo", "--frames", "3", "--steps", "1", "--motion-scale", "2", "--out",
+                     str(tmp_path / "y.gif")], capsys)
+    assert "loop preset" not in err
+
+
+def test_num_videos_fps_threads(tmp_path, capsys):
+    """--num-videos N: one file (+ sidecar) per seed, each equal to the run with that --seed alone."""
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(["--demo", *FAST, "--seed", "5", "--num-videos", "2", "--fps", "4", "--threads", "1",
+                         "--out", str(tmp_path / "many.gif")]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["many-5.gif", "many-5.json", "many-6.gif", "many-6.json"]
+    for seed in (5, 6):
+        info = json.loads((tmp_path / f"many-{seed}.json").read_text())
+        assert info["seed"] == seed and info["fps"] == 4 and info["params"]["num_videos"] == 2
+        with Image.open(tmp_path / f"many-{seed}.gif") as im:
+            assert im.info["duration"] == 250  # 4 fps
+        run_ok(["--demo", *FAST, "--seed", str(seed), "--fps", "4", "--out", str(tmp_path / "one" / "x.gif")], capsys)
+        assert (tmp_path / "one" / "x.gif").read_bytes() == (tmp_path / f"many-{seed}.gif").read_bytes()
+
+
+def test_demo_with_a_large_image_runs_at_the_demo_size(tmp_path, capsys):
+    """A user photo with --demo is shrunk to the demo's 64-pixel working size (seconds, not an hour)."""
+    Image.new("RGB", (333, 217), (20, 120, 220)).save(tmp_path / "photo.png")
+    info, _ = run_ok(["--demo", *FAST, "--image", str(tmp_path / "photo.png"), "--out", str(tmp_path / "x.gif")],
+                     capsys)
+    assert (info["params"]["width"], info["params"]["height"]) == (64, 40)
+    assert frame_sizes(tmp_path / "x.gif") == (2, (64, 40))
+    info, _ = run_ok(["--demo", *FAST, "--image", str(tmp_path / "photo.png"), "--height", "32", "--width", "48",
+                      "--out", str(tmp_path / "y.gif")], capsys)
+    assert frame_sizes(tmp_path / "y.gif") == (2, (48, 32))
+
+
+def test_truncation_warning_only_for_typed_text(tmp_path, capsys, caplog):
+    """The demo's byte-level tokenizer cuts the built-in negative prompt: that is not the user's text."""
+    run_ok(["--demo", *FAST, "--out", str(tmp_path / "x.gif")], capsys)
+    assert "CLIP takes at most" not in caplog.text
+    run_ok(["--demo", *FAST, "--negative-prompt", cli.NEGATIVE_PROMPT, "--out", str(tmp_path / "y.gif")], capsys)
+    assert "CLIP takes at most" in caplog.text
 
 
 def test_missing_and_unreadable_image(tmp_path, capsys):
@@ -291,7 +411,7 @@ def test_image_and_prompt_required(tmp_path, capsys):
     fails(["--out", str(tmp_path / "x.gif")], capsys, tmp_path, "--image and --prompt are required")
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_no_cuda(tmp_path, capsys):
     fails(["--demo", "--device", "cuda", "--out", str(tmp_path / "x.gif")], capsys, tmp_path, "CUDA is not available")
 

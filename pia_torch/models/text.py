@@ -13,7 +13,7 @@ import logging
 import torch
 from torch import Tensor, nn
 
-logger = logging.getLogger("pia_torch")
+logger = logging.getLogger(__name__)  # pia_torch.models.text: the CLI silences it for its built-in text
 
 
 def tokenize(tokenizer, prompts: list[str], max_length: int | None = None) -> Tensor:

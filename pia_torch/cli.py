@@ -1,0 +1,380 @@
+"""The `pia-torch` command: animate one image with PIA.
+
+    pia-torch --image cat.png --prompt "a cat, best quality" --out cat.gif
+    pia-torch --demo --out demo.gif    # offline smoke run on tiny random weights
+
+(also `python -m pia_torch ...` and, from a checkout, `python scripts/sample.py ...`).
+
+The defaults are the original PIA inference settings (open-mmlab/PIA `inference.py` + `base.yaml`):
+DDIM with linear betas 0.00085 -> 0.012, steps_offset 1, clip_sample False, set_alpha_to_one True,
+"leading" spacing, whatever scheduler the base folder holds; 25 steps; guidance 7.5; 16 frames; the
+original negative prompt; the video size taken from the image (long edge at most 512, aspect kept,
+each side rounded down to a multiple of 8). Next to the video goes a JSON sidecar with everything
+needed to reproduce the run (video.gif -> video.json).
+
+Bad input gets one `error: ...` line on stderr and exit status 2, before any weights are loaded where
+it can be known then; no partial file is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import platform
+import shlex
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from PIL import Image
+
+import pia_torch
+from pia_torch import demo, hub
+from pia_torch.config import MotionConfig, tiny_unet
+from pia_torch.freeinit import METHODS as FREE_INIT_METHODS
+from pia_torch.loading import MotionAdapter, read_config
+from pia_torch.models.text import tokenize
+from pia_torch.pipeline import PIAPipeline
+from pia_torch.sampling import DDIMScheduler, EulerDiscreteScheduler
+from pia_torch.utils import atomic_path, export_to_gif, export_to_video, export_to_webp, load_image
+
+BASE = "SG161222/Realistic_Vision_V6.0_B1_noVAE"
+ADAPTER = "openmmlab/PIA-condition-adapter"
+# DDIM as the original base.yaml builds it (open-mmlab/PIA example/config/base.yaml); euler takes the same betas.
+SCHEDULER_CONFIG: dict[str, Any] = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="linear", steps_offset=1,
+    clip_sample=False, set_alpha_to_one=True, timestep_spacing="leading", prediction_type="epsilon",
+)
+# The original's DEFAULT_N_PROMPT (open-mmlab/PIA inference.py), used when no negative prompt is given.
+NEGATIVE_PROMPT = (
+    "wrong white balance, dark, sketches,worst quality,low quality, deformed, distorted, disfigured, "
+    "bad eyes, wrong lips,weird mouth, bad teeth, mutated hands and fingers, bad anatomy,wrong anatomy, "
+    "amputation, extra limb, missing limb, floating,limbs, disconnected limbs, mutation, ugly, disgusting, "
+    "bad_pictures, negative_hand-neg"
+)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+WRITERS = {".gif": export_to_gif, ".mp4": export_to_video, ".webp": export_to_webp}
+MAX_SIZE = 512
+DEMO_MAX_SIZE = 64  # the demo's working size: the bundled image's (the tiny VAE only halves the size)
+LOOP_PRESETS = (3, 4, 5)  # their affinity curves close a loop at exactly LOOP_FRAMES frames
+LOOP_FRAMES = 16
+DEFAULTS = dict(frames=16, steps=25, prompt=None)
+DEMO_DEFAULTS = dict(DEFAULTS, prompt="clouds drifting over sunny hills")
+
+
+class CLIError(Exception):
+    """Bad input: printed as one `error: ...` line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse would print the usage too; we want one line
+        raise CLIError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(
+        prog="pia-torch", description="Animate an image with PIA (Personalized Image Animator).",
+        epilog="--demo runs offline in seconds on tiny random weights (pia_torch.demo.tiny_pipeline) and the "
+        "bundled 64x64 example image (unless --image is given; a given image is resized to the demo's 64-pixel "
+        "working size unless --height/--width are given): the video is noise, a smoke test of the whole path. "
+        "Only the weights, the image size and a built-in prompt (unless --prompt is given) are swapped in; every "
+        "other option keeps its default, applies and is checked as usual.",
+    )
+    p.add_argument("--image", help="input image: a path or an http(s) URL (required unless --demo)")
+    p.add_argument("--prompt", help="text prompt (required unless --demo)")
+    p.add_argument("--negative-prompt", default=None,
+                   help="negative prompt (default: the original PIA negative prompt; pass '' for none)")
+    p.add_argument("--base", default=None, help=f"base SD1.5 pipeline: hub id or folder (default {BASE})")
+    p.add_argument("--adapter", default=None, help=f"PIA motion adapter: hub id or folder (default {ADAPTER})")
+    p.add_argument("--frames", type=int, default=None,
+                   help="number of frames (default 16; at most the adapter's motion_max_seq_length, 32 for PIA)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 25)")
+    p.add_argument("--guidance", type=float, default=7.5,
+                   help="classifier-free guidance scale >= 0 (default 7.5; <= 1 turns guidance off)")
+    p.add_argument("--motion-scale", type=int, default=0,
+                   help="motion preset 0..8 (default 0): 0-2 small to large motion, 3-5 loops (made for 16 "
+                   "frames), 6-8 style transfer")
+    p.add_argument("--strength", type=float, default=1.0, help="noise strength in (0, 1] (default 1.0)")
+    p.add_argument("--scheduler", choices=("ddim", "euler"), default="ddim",
+                   help="ddim (the original PIA DDIM) or euler (same betas) (default ddim)")
+    p.add_argument("--free-init", choices=FREE_INIT_METHODS, default=None, metavar="METHOD",
+                   help=f"enable FreeInit (3 iterations) with this filter: {', '.join(FREE_INIT_METHODS)}")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--num-videos", type=int, default=1, metavar="N",
+                   help="make N videos with seeds SEED, SEED+1, ... (default 1); video k is written as "
+                   "OUT-stem-<seed>.ext, each with its sidecar, and equals the run with --seed <seed>")
+    p.add_argument("--height", type=int, default=None, help="video height, a multiple of 8; with --width (default: "
+                   "from the image; an explicit size resizes the image to cover it and center-crops)")
+    p.add_argument("--width", type=int, default=None, help="video width, a multiple of 8; with --height")
+    p.add_argument("--fps", type=int, default=8, help="frames per second of the written video (default 8)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weights and compute dtype (default fp32)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice, usually the number of cores)")
+    p.add_argument("--convention", choices=("original", "diffusers"), default="original",
+                   help="UNet normalisation: as PIA was trained (original, default) or as diffusers 0.42.1")
+    p.add_argument("--out", default="video.gif", help="output .gif, .mp4 or .webp (default video.gif); "
+                   "the sidecar goes next to it with a .json extension")
+    p.add_argument("--demo", action="store_true", help="offline smoke run on tiny random weights (output is noise)")
+    return p
+
+
+def image_size(width: int, height: int, max_size: int = MAX_SIZE) -> tuple[int, int]:
+    """The original PIA `preprocess_img` rule: shrink the long edge to at most `max_size` (never enlarge,
+    int() truncation of the float product), then round each side down to a multiple of 8.
+
+    Returns (width, height) after each stage: ((w1, h1), (w2, h2)).
+    """
+    scale = max_size / max(width, height) if max(width, height) > max_size else 1.0
+    w1, h1 = int(width * scale), int(height * scale)
+    return (w1, h1), (w1 // 8 * 8, h1 // 8 * 8)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every check that needs no weights; raises CLIError."""
+    if not args.demo and (args.image is None or args.prompt is None):
+        raise CLIError("--image and --prompt are required (or use --demo)")
+    for name in ("frames", "steps", "num_videos", "fps"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.threads is not None and args.threads < 1:
+        raise CLIError(f"--threads must be >= 1, got {args.threads}")
+    if args.guidance < 0:
+        raise CLIError(f"--guidance must be >= 0, got {args.guidance}")
+    if not 0 <= args.motion_scale <= 8:
+        raise CLIError(f"--motion-scale must be in 0..8, got {args.motion_scale}")
+    if not 0 < args.strength <= 1:
+        raise CLIError(f"--strength must be in (0, 1], got {args.strength}")
+    if int(args.steps * args.strength) < 1:  # diffusers' get_timesteps keeps int(steps * strength) steps
+        raise CLIError(f"--strength {args.strength} with --steps {args.steps} leaves no denoising step")
+    if (args.height is None) != (args.width is None):
+        raise CLIError("--height and --width go together: give both or neither")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and (value < 8 or value % 8):
+            raise CLIError(f"--{name} must be a positive multiple of 8, got {value}")
+    if Path(args.out).suffix.lower() not in WRITERS:
+        raise CLIError(f"--out must end in {', '.join(WRITERS)}, got {args.out!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: CUDA is not available on this machine")
+    check_writable(Path(args.out))
+
+
+def check_writable(out: Path) -> None:
+    """The output's folder exists or can be made, and a file can be created in it (probed with a temporary
+    file in the nearest existing folder, which is removed again: nothing is left behind)."""
+    folder = out.expanduser().absolute().parent
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CLIError(f"cannot write {out}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise CLIError(f"cannot write {out}: {existing} is not writable ({e.strerror or e})") from e
+
+
+def adapter_frame_limit(args: argparse.Namespace) -> int:
+    """The adapter's motion_max_seq_length, read from its config.json alone (no weights loaded)."""
+    if args.demo:
+        return tiny_unet().motion.max_seq_length
+    try:
+        folder = hub.resolve(args.adapter, ["config.json"])
+        return MotionConfig.from_diffusers(read_config(folder, "MotionAdapter")).max_seq_length
+    except (OSError, ValueError) as e:
+        raise CLIError(one_line(e)) from e
+
+
+def prepare_image(args: argparse.Namespace) -> Image.Image:
+    """Load the image and set args.height/width; the original rule resizes it (bicubic, twice). With --demo
+    the long edge is at most DEMO_MAX_SIZE, so any image runs in seconds."""
+    if args.image is None:
+        image = demo.demo_image()
+    else:
+        try:
+            image = load_image(args.image)
+        except (OSError, ValueError) as e:
+            raise CLIError(str(e)) from e
+    if args.height is None:
+        (w1, h1), (w2, h2) = image_size(*image.size, DEMO_MAX_SIZE if args.demo else MAX_SIZE)
+        if w2 == 0 or h2 == 0:
+            raise CLIError(f"image {image.size[0]}x{image.size[1]} is too small: each side must be >= 8 pixels")
+        image = image.resize((w1, h1), Image.BICUBIC).resize((w2, h2), Image.BICUBIC)
+        args.width, args.height = w2, h2
+    return image
+
+
+def build_scheduler(name: str) -> DDIMScheduler | EulerDiscreteScheduler:
+    """The original PIA DDIM (or Euler with its betas), independent of the base folder's scheduler."""
+    return (DDIMScheduler if name == "ddim" else EulerDiscreteScheduler).from_config(SCHEDULER_CONFIG)
+
+
+def load_pipeline(args: argparse.Namespace) -> PIAPipeline:
+    """The pipeline on args.device in args.dtype, with the CLI's scheduler and FreeInit set."""
+    dtype = DTYPES[args.dtype]
+    try:
+        if args.demo:
+            pipe = demo.tiny_pipeline(0, convention=args.convention, torch_dtype=dtype)
+        else:
+            adapter = MotionAdapter.from_pretrained(args.adapter, torch_dtype=dtype)
+            pipe = PIAPipeline.from_pretrained(args.base, motion_adapter=adapter, torch_dtype=dtype,
+                                               convention=args.convention)
+    except (OSError, ValueError) as e:  # not found (offline / unknown id), corrupt file, CheckpointError
+        raise CLIError(one_line(e)) from e
+    pipe.scheduler = build_scheduler(args.scheduler)
+    if args.free_init is not None:
+        pipe.enable_free_init(method=args.free_init)
+    pipe.set_progress_bar_config(disable=False)
+    return pipe.to(args.device)
+
+
+def encode_prompts(pipe: PIAPipeline, args: argparse.Namespace, typed_negative: bool) -> tuple:
+    """(prompt_embeds, negative_prompt_embeds), as the pipeline would compute them from the texts. Only text
+    the user typed may warn about CLIP's 77-token cut: the built-in negative prompt is encoded quietly."""
+    cfg = args.guidance > 1
+    positive, _ = pipe.encode_prompt(args.prompt, do_classifier_free_guidance=False)
+    if not cfg:
+        return positive, None
+    text_logger = logging.getLogger(tokenize.__module__)
+    disabled, text_logger.disabled = text_logger.disabled, not typed_negative
+    try:
+        _, negative = pipe.encode_prompt(None, prompt_embeds=positive, negative_prompt=args.negative_prompt)
+    finally:
+        text_logger.disabled = disabled
+    return positive, negative
+
+
+def one_line(e: BaseException) -> str:
+    """An exception message on one line (hub and checkpoint errors span several)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = "; ".join(lines) or type(e).__name__
+    return text if len(text) <= 600 else text[:600] + " ..."
+
+
+def versions() -> dict[str, str]:
+    try:
+        version = getattr(pia_torch, "__version__", None) or metadata.version("pia_torch")
+    except metadata.PackageNotFoundError:  # a checkout that is not installed
+        version = "unknown"
+    return {"pia_torch": version, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def model_source(name: str) -> str | dict[str, str]:
+    """A local folder as an absolute path; a Hub id with the commit of the cached snapshot it loaded."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser().resolve())
+    try:
+        snapshot = hub.resolve(name, ["*.json"], local_files_only=True)
+    except (OSError, ValueError):
+        return name
+    return {"id": name, "revision": snapshot.name}  # snapshots/<commit hash>
+
+
+def sidecar(args: argparse.Namespace, argv: list[str], pipe: PIAPipeline, seed: int) -> dict[str, Any]:
+    image = None
+    if args.image is not None and Path(args.image).is_file():
+        image = {"path": str(Path(args.image).resolve()),
+                 "sha256": hashlib.sha256(Path(args.image).read_bytes()).hexdigest()}
+    models = ({"demo": "pia_torch.demo.tiny_pipeline(0) (random weights)"} if args.demo else
+              {"base": model_source(args.base), "adapter": model_source(args.adapter)})
+    return {
+        "command": shlex.join(["pia-torch", *argv]),
+        "params": dict(vars(args)),
+        "seed": seed,
+        "image": image or args.image or "pia_torch.demo.demo_image()",
+        "models": models,
+        "scheduler": dict(pipe.scheduler.config),
+        "max_frames": pipe.unet.config.motion.max_seq_length,
+        "fps": args.fps,
+        "versions": versions(),
+    }
+
+
+def output_paths(args: argparse.Namespace) -> list[tuple[int, Path]]:
+    """(seed, path) per video: OUT itself for one video, OUT-stem-<seed>.ext for several."""
+    out, seeds = Path(args.out), range(args.seed, args.seed + args.num_videos)
+    if args.num_videos == 1:
+        return [(args.seed, out)]
+    return [(s, out.with_name(f"{out.stem}-{s}{out.suffix}")) for s in seeds]
+
+
+def write(frames: Any, out: Path, info: dict[str, Any], fps: int) -> None:
+    """The video and its sidecar, each atomically; on failure neither is left behind."""
+    try:
+        WRITERS[out.suffix.lower()](frames, out, fps=fps)
+        with atomic_path(out.with_suffix(".json")) as tmp:
+            tmp.write_text(json.dumps(info, indent=2) + "\n")
+    except (OSError, ValueError) as e:
+        with contextlib.suppress(OSError):
+            out.unlink(missing_ok=True)
+        raise CLIError(f"cannot write {out}: {one_line(e)}") from e
+
+
+def run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    for key, value in (DEMO_DEFAULTS if args.demo else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    typed_negative = args.negative_prompt is not None
+    if not typed_negative:
+        args.negative_prompt = NEGATIVE_PROMPT
+    args.base = args.base or BASE
+    args.adapter = args.adapter or ADAPTER
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_args(args)
+    limit = adapter_frame_limit(args)
+    if args.frames > limit:
+        raise CLIError(f"--frames must be <= {limit} (the adapter's motion_max_seq_length), got {args.frames}")
+    if args.motion_scale in LOOP_PRESETS and args.frames != LOOP_FRAMES:
+        print(f"warning: --motion-scale {args.motion_scale} is a loop preset made for {LOOP_FRAMES} frames; with "
+              f"{args.frames} frames the video does not close a loop", file=sys.stderr)
+    image = prepare_image(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    pipe = load_pipeline(args)
+    if args.demo:
+        print("demo: tiny random weights, offline; the video will be noise, not an animation", file=sys.stderr)
+    try:
+        text, negative = encode_prompts(pipe, args, typed_negative)
+    except ValueError as e:
+        raise CLIError(one_line(e)) from e
+    for seed, out in output_paths(args):
+        torch.manual_seed(seed)  # the original seeds the global RNG too (its strength < 1 noise uses it)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        try:
+            frames = pipe(image, prompt_embeds=text, negative_prompt_embeds=negative, num_frames=args.frames,
+                          height=args.height, width=args.width, num_inference_steps=args.steps,
+                          guidance_scale=args.guidance, motion_scale=args.motion_scale, strength=args.strength,
+                          generator=generator, output_type="np").frames[0]
+        except ValueError as e:  # the pipeline's own input checks
+            raise CLIError(one_line(e)) from e
+        write(frames, out, sidecar(args, argv, pipe, seed), args.fps)
+        print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return run(argv)
+    except CLIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
