@@ -173,11 +173,26 @@ def make_denoiser(unet: UNet, scheduler: Any, text: Tensor, mask: Tensor, cond: 
 
 def decode_latents(vae: AutoencoderKL, latents: Tensor, chunk_size: int | None = None) -> Tensor:
     """latents (b, c, f, h, w) -> video (b, 3, f, H, W) float32 in about [-1, 1]; `chunk_size` frames
-    per decode call (None: all at once, as diffusers)."""
+    per decode call (None: all at once, as diffusers).
+
+    A half-precision VAE can overflow to inf/NaN (black frames) with some SD1.5 VAEs: a chunk whose
+    output is not finite is decoded again in float32, with one warning per call.
+    """
     z = rearrange(1 / vae.config.scaling_factor * latents, "b c f h w -> (b f) c h w")
-    chunks = z.split(chunk_size) if chunk_size else [z]
-    frames = torch.cat([vae.decode(chunk) for chunk in chunks])
-    return rearrange(frames, "(b f) c h w -> b c f h w", b=latents.shape[0]).float()
+    dtype, redone = next(vae.parameters()).dtype, 0
+    frames = []
+    for chunk in z.split(chunk_size) if chunk_size else [z]:
+        out = vae.decode(chunk)
+        if dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(out).all():
+            redone += 1
+            out = vae.float().decode(chunk.float())
+            vae.to(dtype)                                   # fp16 -> fp32 -> fp16 is exact
+        frames.append(out.float())
+    if redone:
+        logger.warning("the %s VAE decoder overflowed on %d of %d chunks: decoded them again in float32 "
+                       "(a VAE that does this every time is faster in float32 from the start)",
+                       dtype, redone, len(frames))
+    return rearrange(torch.cat(frames), "(b f) c h w -> b c f h w", b=latents.shape[0])
 
 
 def postprocess(video: Tensor, output_type: str = "pil") -> Any:
@@ -329,14 +344,21 @@ class PIAPipeline:
 
     # ----------------------------------------------------------------------------------- steps
     @torch.no_grad()
-    def encode_prompt(self, prompt: str | list[str] | None, negative_prompt: str | list[str] | None = None, *,
-                      do_classifier_free_guidance: bool = True, prompt_embeds: Tensor | None = None,
-                      negative_prompt_embeds: Tensor | None = None, clip_skip: int | None = None,
-                      device: torch.device | None = None) -> tuple[Tensor, Tensor | None]:
-        """Prompts -> (positive (b, l, d), negative (b, l, d) or None without guidance), in the text
-        encoder's dtype. clip_skip applies to both sides; "" is the default negative prompt."""
+    def encode_prompt(self, prompt: str | list[str] | None, device: torch.device | None = None,
+                      num_images_per_prompt: int = 1, do_classifier_free_guidance: bool = True,
+                      negative_prompt: str | list[str] | None = None, prompt_embeds: Tensor | None = None,
+                      negative_prompt_embeds: Tensor | None = None, lora_scale: float | None = None,
+                      clip_skip: int | None = None) -> tuple[Tensor, Tensor | None]:
+        """Prompts -> (positive (b·r, l, d), negative (b·r, l, d) or None without guidance), r =
+        num_images_per_prompt, each row repeated r times in place (video k of prompt i is row i·r + k), in
+        the text encoder's dtype. diffusers' signature and layout: feeding the result back as
+        `pipe(prompt_embeds=..., negative_prompt_embeds=...)` reproduces the prompt run. clip_skip applies to
+        both sides; "" is the default negative prompt. `lora_scale` is accepted for compatibility; no text
+        encoder LoRA is loaded, so it has no effect (as in diffusers without LoRA)."""
         device = device or self._execution_device
         dtype = self.text_encoder.dtype if self.text_encoder is not None else self.dtype
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}")
 
         def encode(texts: list[str], length: int | None = None) -> Tensor:
             with self._on_device(self.text_encoder):
@@ -344,11 +366,12 @@ class PIAPipeline:
                 return encode_text(self.text_encoder, ids, clip_skip).to(device, dtype)
 
         if prompt_embeds is None:
+            if prompt is None:
+                raise ValueError("pass prompt or prompt_embeds")
             prompt_embeds = encode([prompt] if isinstance(prompt, str) else list(prompt))
-        if not do_classifier_free_guidance:
-            return prompt_embeds.to(device, dtype), None
-        if negative_prompt_embeds is None:
-            b = prompt_embeds.shape[0]
+        prompt_embeds = prompt_embeds.to(device, dtype)
+        b = prompt_embeds.shape[0]
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
             if negative_prompt is not None and not isinstance(negative_prompt, (str, list, tuple)):
                 raise ValueError(f"negative_prompt must be a str or a list of str, got {type(negative_prompt).__name__}")
             single = negative_prompt is None or isinstance(negative_prompt, str)
@@ -356,7 +379,11 @@ class PIAPipeline:
             if len(negatives) != b:
                 raise ValueError(f"{len(negatives)} negative prompts for {b} prompts")
             negative_prompt_embeds = encode(negatives, prompt_embeds.shape[1])
-        return prompt_embeds.to(device, dtype), negative_prompt_embeds.to(device, dtype)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(device, dtype)
+            if do_classifier_free_guidance:
+                negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        return prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0), negative_prompt_embeds
 
     @property
     def _execution_device(self) -> torch.device:
@@ -417,12 +444,10 @@ class PIAPipeline:
 
         # 1. text states (b, l, d): one row per video, [negative; positive] with guidance
         text, negative = self.encode_prompt(
-            prompt, negative_prompt, do_classifier_free_guidance=cfg, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip, device=device)
-        num_videos = text.shape[0] * num_videos_per_prompt
-        text = text.repeat_interleave(num_videos_per_prompt, dim=0)
+            prompt, device, num_videos_per_prompt, cfg, negative_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip)
+        num_videos = text.shape[0]
         if cfg:
-            negative = negative.repeat_interleave(num_videos_per_prompt, dim=0)
             text = torch.cat([negative, text])                                  # (2b, l, d)
 
         # 2. timesteps, then the draws in diffusers' order: x_T, the image posterior, the strength noise

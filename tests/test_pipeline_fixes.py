@@ -67,7 +67,7 @@ def clip_reference(pipe, texts: list[str], k: int | None) -> torch.Tensor:
 def test_clip_skip(pipes, k):
     """clip_skip on the positive and the negative prompt alike, under transformers 5.x."""
     ref, ours = pipes
-    pos, neg = ours.encode_prompt("a cat", "dark", clip_skip=k)
+    pos, neg = ours.encode_prompt("a cat", negative_prompt="dark", clip_skip=k)
     torch.testing.assert_close(pos, clip_reference(ours, ["a cat"], k), atol=0, rtol=0)
     torch.testing.assert_close(neg, clip_reference(ours, ["dark"], k), atol=0, rtol=0)
     if k is None:
