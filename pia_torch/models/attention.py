@@ -1,10 +1,18 @@
 """Attention, the GEGLU feed-forward and the transformer block shared by the spatial and motion layers.
 
+To read or replace the attention of any layer, set a processor `(attn, q, k, v) -> out` on its
+`Attention` (`set_attention_processor`); `AttentionRecorder` is one that keeps the softmax weights.
+Weight shapes (N, nh, n, m), queries n, keys m: spatial attn1 ((b f), nh, h·w, h·w); spatial attn2
+with per-frame text ((b f), nh, h·w, l), with shared text (b, nh, f·h·w, l), frames folded into the
+queries (see `TransformerBlock`); motion attn1/attn2 ((b h w), nh, f, f); VAE mid (N, 1, h·w, h·w).
+
 Mirrors diffusers 0.42.1 `models/attention_processor.py` (`Attention` + `AttnProcessor2_0`),
 `models/attention.py` (`BasicTransformerBlock`, `FeedForward`) and `models/activations.py` (`GEGLU`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch.nn.functional as F
 from einops import rearrange
@@ -21,8 +29,25 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     return rearrange(out, "N nh n d -> N n (nh d)")
 
 
+def attention_weights(q: Tensor, k: Tensor, heads: int) -> Tensor:
+    """softmax(q k^T / sqrt(d)) in float32: q (N, n, nh*d), k (N, m, nh*d) -> (N, nh, n, m), rows sum to 1."""
+    q, k = (rearrange(x, "N n (nh d) -> N nh n d", nh=heads).float() for x in (q, k))
+    return (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)
+
+
+def manual_attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> tuple[Tensor, Tensor]:
+    """`attention` in eager float32 that also returns the weights: -> out (N, n, nh*d) in v's dtype, (N, nh, n, m)."""
+    weights = attention_weights(q, k, heads)
+    out = weights @ rearrange(v, "N m (nh d) -> N nh m d", nh=heads).float()  # (N, nh, n, d)
+    return rearrange(out, "N nh n d -> N n (nh d)").to(v.dtype), weights
+
+
 class Attention(nn.Module):
-    """q from x, k/v from `context` (cross-attention) or from x (self-attention); then `to_out`."""
+    """q from x, k/v from `context` (cross-attention) or from x (self-attention); then `to_out`.
+
+    `processor`: None runs `attention` (SDPA); a callable `(self, q, k, v) -> out` replaces it, with
+    q (N, n, nh*d), k and v (N, m, nh*d) after to_q/to_k/to_v, out (N, n, nh*d) before to_out.
+    """
 
     def __init__(
         self,
@@ -41,11 +66,43 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=qkv_bias)
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=qkv_bias)
         self.to_out = nn.Linear(inner, query_dim, bias=out_bias)  # diffusers: to_out.0
+        self.processor: Processor | None = None
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """x (N, n, c), context (N, m, c_ctx) or None -> (N, n, c)."""
         context = x if context is None else context
-        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        out = attention(q, k, v, self.heads) if self.processor is None else self.processor(self, q, k, v)
+        return self.to_out(out)
+
+
+Processor = Callable[[Attention, Tensor, Tensor, Tensor], Tensor]
+
+
+def set_attention_processor(
+    model: nn.Module, processor: Processor | None, where: Callable[[str], bool] | None = None
+) -> list[str]:
+    """Set `processor` on every `Attention` in `model` whose name passes `where` (all if None); None
+    restores SDPA. Returns the names set; raises ValueError if none matches."""
+    names = [name for name, m in model.named_modules() if isinstance(m, Attention) and (where is None or where(name))]
+    if not names:
+        raise ValueError("no Attention in the model matches `where`")
+    for name in names:
+        model.get_submodule(name).processor = processor
+    return names
+
+
+class AttentionRecorder:
+    """A processor that runs `manual_attention` and keeps each layer's weights of its last call:
+    maps[name] (N, nh, n, m) float32, named as in `model.named_modules()` (shapes: module docstring)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.names = {m: name for name, m in model.named_modules() if isinstance(m, Attention)}
+        self.maps: dict[str, Tensor] = {}
+
+    def __call__(self, attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        out, self.maps[self.names[attn]] = manual_attention(q, k, v, attn.heads)
+        return out
 
 
 class FeedForward(nn.Module):
@@ -83,7 +140,8 @@ class TransformerBlock(nn.Module):
         """x (N, n, c); context (N, l, d) per row, or (b, l, d) shared by the N = b*f rows; pos (1, n, c).
 
         Returns (N, n, c). With shared context the frames are folded into the query sequence, so the
-        text keys/values are computed once per video (same result as repeating the text per frame).
+        text keys/values are computed once per video (same result as repeating the text per frame),
+        and attn2's weights are (b, nh, f·n, l) rather than ((b f), nh, n, l).
         """
         h = self.norm1(x)
         x = x + self.attn1(h if pos is None else h + pos)
