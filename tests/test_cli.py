@@ -121,6 +121,27 @@ def test_script_subprocess(tmp_path):
     assert info["params"]["frames"] == 2 and info["command"].endswith("--out tmp/x.gif")
 
 
+def test_installed_wheel_entry_point(tmp_path):
+    """The built wheel, installed in a fresh venv (dependencies from this environment), gives a working
+    `pia-torch` command that imports pia_torch from the venv, not from the checkout."""
+    subprocess.run([sys.executable, "-m", "hatchling", "build", "-t", "wheel", "-d", str(tmp_path / "dist")],
+                   cwd=ROOT, check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("pia_torch-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([venv / "bin" / "python", "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                    str(wheel)], check=True, capture_output=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
+    where = subprocess.run([venv / "bin" / "python", "-c", "import pia_torch; print(pia_torch.__file__)"],
+                           cwd=tmp_path, env=env, check=True, capture_output=True, text=True).stdout
+    assert where.startswith(str(venv)), where
+    r = subprocess.run([venv / "bin" / "pia-torch", "--demo", *FAST, "--out", "out/x.gif"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert frame_sizes(tmp_path / "out" / "x.gif") == (2, (64, 64))
+    assert json.loads((tmp_path / "out" / "x.json").read_text())["command"].startswith("pia-torch --demo")
+
+
 def test_explicit_size(tmp_path, capsys):
     out = tmp_path / "x.gif"
     info, _ = run_ok(["--demo", *FAST, "--height", "48", "--width", "80", "--dtype", "bf16", "--out", str(out)],
