@@ -1,14 +1,16 @@
 """Layer 1 parity: each pia_torch block against the diffusers 0.42.1 module it mirrors (fp32, CPU).
 
 Every reference is built here with random weights (constant ones perturbed by `randomize_`), its
-weights are copied into the pia_torch block through the CONTRACT renames, and outputs are compared.
+weights are copied into the pia_torch block through the CONTRACT renames, and outputs are compared
+within rounding: `conftest.tol` with the block's accumulation depth (`fan_in`), far below the 1e-4
+contract. Sinusoidal tables run diffusers' own ops on the same shapes, so they must be bit-identical.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import copy_from_diffusers, fan_in, randomize_, tol
 from diffusers.models.attention import FeedForward as RefFeedForward
 from diffusers.models.attention_processor import Attention as RefAttention
 from diffusers.models.downsampling import Downsample2D
@@ -21,25 +23,6 @@ from diffusers.models.upsampling import Upsample2D
 from pia_torch.models.attention import Attention, FeedForward
 from pia_torch.models.blocks import Downsample, ResnetBlock, SpatialTransformer, Upsample, timestep_embedding
 from pia_torch.models.motion import TemporalTransformer, frame_positions
-
-TOL = dict(atol=1e-5, rtol=1e-5)
-# CONTRACT renames, matched on whole components (a standalone FeedForward's keys start at `net.`).
-RENAMES = [(".to_out.0.", ".to_out."), (".net.0.proj.", ".proj_in."), (".net.2.", ".proj_out."),
-           (".downsamplers.0.", ".downsample."), (".upsamplers.0.", ".upsample.")]
-
-
-def copy_from_diffusers(module: torch.nn.Module, ref: torch.nn.Module) -> torch.nn.Module:
-    """Load ref's weights into module with the CONTRACT renames; `pos_embed.pe` is recomputed, not loaded."""
-    sd = {}
-    for key, value in ref.state_dict().items():
-        if key.endswith("pos_embed.pe"):
-            continue
-        key = "." + key
-        for old, new in RENAMES:
-            key = key.replace(old, new)
-        sd[key[1:]] = value
-    module.load_state_dict(sd, strict=True)
-    return module.eval()
 
 
 def _ref(cls, *args, seed: int = 0, **kwargs) -> torch.nn.Module:
@@ -67,7 +50,8 @@ def test_resnet_block(cin, cout, temb, groups, eps):
     x = torch.randn(3, cin, 9, 7)
     e = torch.randn(3, temb) if temb else None
     with torch.no_grad():
-        torch.testing.assert_close(block(x, e), ref(x, e), **TOL)
+        want = ref(x, e)
+        torch.testing.assert_close(block(x, e), want, **tol(want, fan_in(ref)))
 
 
 @pytest.mark.parametrize("padding", [1, 0])
@@ -77,8 +61,8 @@ def test_downsample(padding, hw):
     block = copy_from_diffusers(Downsample(16, padding=padding), ref)
     x = torch.randn(2, 16, *hw)
     with torch.no_grad():
-        out = block(x)
-        torch.testing.assert_close(out, ref(x), **TOL)
+        out, want = block(x), ref(x)
+        torch.testing.assert_close(out, want, **tol(want, fan_in(ref)))
     ceil = padding == 1  # UNet: ceil(n/2); VAE (pad right/bottom, no padding): floor(n/2)
     assert out.shape[-2:] == tuple((n + ceil) // 2 for n in hw)
 
@@ -89,7 +73,8 @@ def test_upsample(size):
     block = copy_from_diffusers(Upsample(16), ref)
     x = torch.randn(2, 16, 4, 6)
     with torch.no_grad():
-        torch.testing.assert_close(block(x, size), ref(x, output_size=size), **TOL)
+        want = ref(x, output_size=size)
+        torch.testing.assert_close(block(x, size), want, **tol(want, fan_in(ref)))
 
 
 @pytest.mark.parametrize("context_dim,qkv_bias", [(None, False), (24, False), (None, True)])
@@ -99,7 +84,8 @@ def test_attention(context_dim, qkv_bias):
     x = torch.randn(3, 10, 32)
     ctx = torch.randn(3, 7, context_dim) if context_dim else None
     with torch.no_grad():
-        torch.testing.assert_close(block(x, ctx), ref(x, encoder_hidden_states=ctx), **TOL)
+        want = ref(x, encoder_hidden_states=ctx)
+        torch.testing.assert_close(block(x, ctx), want, **tol(want, fan_in(ref)))
 
 
 def test_feed_forward_geglu():
@@ -107,7 +93,8 @@ def test_feed_forward_geglu():
     block = copy_from_diffusers(FeedForward(32), ref)
     x = torch.randn(2, 5, 32)
     with torch.no_grad():
-        torch.testing.assert_close(block(x), ref(x), **TOL)
+        want = ref(x)
+        torch.testing.assert_close(block(x), want, **tol(want, fan_in(ref)))
 
 
 def test_spatial_transformer_per_frame_and_shared_text():
@@ -122,8 +109,9 @@ def test_spatial_transformer_per_frame_and_shared_text():
     per_frame = text.repeat_interleave(f, dim=0)  # ((b f), l, d), b-major like diffusers' pipeline
     with torch.no_grad():
         want = ref(x, encoder_hidden_states=per_frame, return_dict=False)[0]
-        torch.testing.assert_close(block(x, per_frame), want, **TOL)
-        torch.testing.assert_close(block(x, text), want, **TOL)  # keys/values once per video
+        torch.testing.assert_close(block(x, per_frame), want, **tol(want, fan_in(ref)))
+        # keys/values once per video: the k/v matmuls see another batch size, so another summation order
+        torch.testing.assert_close(block(x, text), want, **tol(want, fan_in(ref)))
 
 
 @pytest.mark.parametrize("frames", [1, 2, 5, 16])
@@ -138,7 +126,8 @@ def test_motion_module(frames):
     copy_from_diffusers(block, ref)
     x = torch.randn(2 * frames, c, 3, 5)
     with torch.no_grad():
-        torch.testing.assert_close(block(x, frames), ref(x, num_frames=frames), **TOL)
+        want = ref(x, num_frames=frames)
+        torch.testing.assert_close(block(x, frames), want, **tol(want, fan_in(ref)))
 
 
 def test_motion_module_rejects_too_many_frames():

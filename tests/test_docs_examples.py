@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_adapter
-from test_pipeline import SD15_PNDM, one_thread, save_base  # noqa: F401
+from conftest import SD15_PNDM, make_adapter, save_base
 
 from pia_torch.demo import demo_image
 

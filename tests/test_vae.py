@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_vae
+from conftest import MODEL_ATOL, fan_in, make_vae, tol
 
 from pia_torch.config import VAEConfig
 from pia_torch.models.vae import AutoencoderKL, DiagonalGaussian
 
 from pia_torch.loading import load_vae
 
-TOL = dict(atol=1e-4, rtol=0)
+TOL = dict(atol=MODEL_ATOL, rtol=0)  # DESIGN.md §5 contract, for pia_torch vs diffusers on the same batches
 RENAMES = [("downsamplers.0.", "downsample."), ("upsamplers.0.", "upsample."), ("to_out.0.", "to_out.")]
 # Non-square inputs for each size: "tiny" downsamples ×2 (2 levels), "small" ×8 (4 levels).
 PIXELS = {"tiny": (20, 12), "small": (40, 24)}
@@ -103,9 +103,13 @@ def test_slicing(pair, size):
     ours.enable_slicing()
     ref.enable_slicing()
     sliced_moments, sliced_pixels = ours.encode(x).moments, ours.decode(z)
-    # batch-size-dependent conv kernels: diffusers itself moves "small" pixels (max ≈ 3.5) by 1.1e-5
-    torch.testing.assert_close(sliced_moments, plain_moments, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(sliced_pixels, plain_pixels, atol=1e-5, rtol=1e-5)
+    # One sample at a time: conv kernels chosen for batch 1 sum in another order than for batch 3 (diffusers
+    # moves its own "small" pixels, max ≈ 3.5, by ~1e-5), so slicing agrees within rounding through the
+    # encoder / decoder, absolute from the largest value (a near-zero pixel carries its neighbours' error).
+    encoder_depth = fan_in(ours.encoder) + fan_in(ours.quant_conv)
+    decoder_depth = fan_in(ours.post_quant_conv) + fan_in(ours.decoder)
+    torch.testing.assert_close(sliced_moments, plain_moments, **tol(plain_moments, encoder_depth))
+    torch.testing.assert_close(sliced_pixels, plain_pixels, **tol(plain_pixels, decoder_depth))
     torch.testing.assert_close(sliced_moments, ref.encode(x).latent_dist.parameters, **TOL)
     torch.testing.assert_close(sliced_pixels, ref.decode(z).sample, **TOL)
     ours.disable_slicing()
