@@ -16,9 +16,9 @@ from pia_torch.loading import MotionAdapter
 from pia_torch.models.unet import UNet
 from pia_torch.models.vae import AutoencoderKL
 from pia_torch.pipeline import PIAPipeline, PIAPipelineOutput
-from pia_torch.sampling import DDIMScheduler, EulerDiscreteScheduler
+from pia_torch.schedulers import SAMPLERS, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 __all__ = [
-    "AutoencoderKL", "DDIMScheduler", "EulerDiscreteScheduler", "MotionAdapter", "MotionConfig", "PIAPipeline",
-    "PIAPipelineOutput", "UNet", "UNetConfig", "VAEConfig",
+    "SAMPLERS", "AutoencoderKL", "DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
+    "MotionAdapter", "MotionConfig", "PIAPipeline", "PIAPipelineOutput", "UNet", "UNetConfig", "VAEConfig",
 ]

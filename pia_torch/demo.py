@@ -18,11 +18,11 @@ from pia_torch.config import tiny_unet, tiny_vae
 from pia_torch.models.unet import UNet
 from pia_torch.models.vae import AutoencoderKL
 from pia_torch.pipeline import PIAPipeline
-from pia_torch.sampling import DDIMScheduler
+from pia_torch.schedulers import DDIMScheduler
 
 ASSETS = Path(__file__).parent / "assets"
 
-# The original PIA scheduler (open-mmlab/PIA example/config/base.yaml; spec/schedulers.md §3.3).
+# The original PIA scheduler (open-mmlab/PIA example/config/base.yaml: DDIM, linear betas, steps_offset 1).
 PIA_DDIM = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="linear",
                 steps_offset=1, clip_sample=False)
 

@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from pia_torch.sampling import Generator, Scheduler, prepare_timesteps, q_sample, randn_tensor
+from pia_torch.sampling import GeneratorArg, prepare_timesteps, q_sample, randn_tensor, step_sigmas
+from pia_torch.schedulers import SchedulerBase
 
 METHODS = ("butterworth", "gaussian", "ideal", "box")
 
@@ -84,45 +85,61 @@ def pass_steps(num_inference_steps: int, i: int, *, num_iters: int = 3, use_fast
     return n
 
 
-def free_init(run_pass: Callable[[Tensor, Tensor], Tensor], latents: Tensor, noise: Tensor, scheduler: Scheduler,
-              num_inference_steps: int, strength: float = 1.0, *, num_iters: int = 3,
+def vp_level(scheduler: SchedulerBase, t: Tensor) -> tuple[Tensor, Tensor]:
+    """(ᾱ, s) at the timestep t of the scheduler's current schedule: its latents there are s·z_t, with
+    z_t = √ᾱ·x0 + √(1 − ᾱ)·ε variance-preserving. VP samplers (DDIM, DPM-Solver++): (ᾱ_t, 1). σ-space
+    samplers (Euler, latents x0 + σ·ε = √(σ² + 1)·z_t): (1/(σ² + 1), √(σ² + 1)) with σ the step's level."""
+    sigmas = step_sigmas(scheduler, t.reshape(1))
+    if sigmas is None:
+        return scheduler.alphas_cumprod[int(t)], torch.tensor(1.0)
+    return 1 / (sigmas[0] ** 2 + 1), (sigmas[0] ** 2 + 1) ** 0.5
+
+
+def free_init(run_pass: Callable[[Tensor, Tensor], Tensor], start: Callable[[Tensor], Tensor], noise: Tensor,
+              scheduler: SchedulerBase, num_inference_steps: int, strength: float = 1.0, *, num_iters: int = 3,
               use_fast_sampling: bool = False, method: str = "butterworth", order: int = 4,
               spatial_stop_frequency: float = 0.25, temporal_stop_frequency: float = 0.25,
-              generator: Generator = None, device: torch.device | str | None = None) -> Tensor:
-    """Run `num_iters` sampling passes; each pass after the first restarts from re-initialised noise.
+              generator: GeneratorArg = None, device: torch.device | str | None = None) -> Tensor:
+    """The whole denoising: `num_iters` sampling passes, each after the first restarting from
+    re-initialised noise (num_iters = 1 is a plain run).
 
     run_pass(latents, timesteps) -> denoised latents runs one whole sampling pass (it calls `sample`).
-    latents: the sampler's starting latents (b, c, f, h, w), already on its input scale and made for
-      pass 0's schedule (`pass_steps(N, 0, ...)` steps: with fast sampling that is fewer than N).
-    noise: the unit-variance ε these latents were made from: the raw randn draw at strength 1
-      (latents = init_noise_sigma·ε), the strength noise at strength < 1.
+    start(timesteps) -> pass 0's starting latents (b, c, f, h, w) for pass 0's schedule, on the
+      sampler's input scale: init_noise_sigma·ε at strength 1, the image noised to timesteps[0] below.
+    noise: the unit-variance ε those latents are made from (the raw randn draw at strength 1, the
+      strength noise at strength < 1).
 
-    Pass 0 runs `prepare_timesteps(scheduler, N_0, strength)` on `latents`, so num_iters = 1 is a plain
-    run. Pass i ≥ 1 (N_i = `pass_steps(N, i, ...)`) re-initialises from x0 = the last output:
+    Pass i runs `prepare_timesteps(scheduler, N_i, strength)` with N_i = `pass_steps(N, i, ...)` (with
+    fast sampling, fewer than N before the last pass). Pass i ≥ 1 re-initialises from x0 = the last output:
       1. level: ᾱ = ᾱ_{T−1} and s = init_noise_sigma at strength 1 (the start was pure noise;
-         diffusers' choice), else (ᾱ, s) = scheduler.vp_level(t0) at the pass's first timestep t0;
+         diffusers' choice), else (ᾱ, s) = vp_level(scheduler, t0) at the pass's first timestep t0;
          s takes a variance-preserving latent to the sampler's input scale (1 for DDIM,
          √(σ_t0² + 1) for Euler, whose latents are x0 + σ·ε = z_t/√ᾱ).
       2. z_t = √ᾱ·x0 + √(1 − ᾱ)·ε  (re-diffuse the result with the *same* ε, in latents' dtype → fp32);
       3. z_rand ~ N(0, I) from `generator` (fp32, shape of latents);
-      4. latents = s · mix_frequencies(z_t, z_rand, LPF), cast back to latents' dtype.
+      4. latents = s · mix_frequencies(z_t, z_rand, LPF), cast to pass 0's dtype.
     For DDIM at strength 1 this is exactly diffusers' `_apply_free_init`. Returns the last pass's output.
     """
     if num_iters < 1:
         raise ValueError(f"num_iters must be >= 1, got {num_iters!r}")
-    device = latents.device if device is None else device
-    dtype, T = latents.dtype, scheduler.num_train_timesteps
-    lpf = low_pass_filter(latents.shape, method, order=order, spatial_stop_frequency=spatial_stop_frequency,
-                          temporal_stop_frequency=temporal_stop_frequency).to(latents.device)
+    device = noise.device if device is None else device
+    T = scheduler.num_train_timesteps
+    lpf = None
+    if num_iters > 1:
+        lpf = low_pass_filter(noise.shape, method, order=order, spatial_stop_frequency=spatial_stop_frequency,
+                              temporal_stop_frequency=temporal_stop_frequency).to(noise.device)
     for i in range(num_iters):
         steps = pass_steps(num_inference_steps, i, num_iters=num_iters, use_fast_sampling=use_fast_sampling,
                            strength=strength)
         timesteps = prepare_timesteps(scheduler, steps, strength, device)
-        if i > 0:
+        if i == 0:
+            latents = start(timesteps)
+            dtype = latents.dtype
+        else:
             if strength == 1:
                 alpha_bar, scale = scheduler.alphas_cumprod[T - 1], scheduler.init_noise_sigma
             else:
-                alpha_bar, scale = scheduler.vp_level(timesteps[0])
+                alpha_bar, scale = vp_level(scheduler, timesteps[0])
             z_t = q_sample(latents, noise, alpha_bar).to(torch.float32)
             z_rand = randn_tensor(latents.shape, generator, device, torch.float32)
             latents = (mix_frequencies(z_t, z_rand, lpf) * scale).to(dtype)

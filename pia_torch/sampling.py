@@ -1,34 +1,35 @@
-"""Noise schedules, DDIM and Euler steps, and the sampling loop.
+"""Noise schedules, sampler steps and the sampling loop: the math, as plain functions.
 
-Everything numeric is a plain function; `DDIMScheduler` and `EulerDiscreteScheduler` are thin
-classes over them that keep diffusers' API (config dicts, `set_timesteps`, `step`, ...) so the PIA
-documentation examples run unchanged. Every function computes in the same order and dtype as
-diffusers 0.42.1 (`schedulers/scheduling_ddim.py`, `schedulers/scheduling_euler_discrete.py`), so
-timesteps are equal and step outputs agree to ~1e-7 in fp32.
+The diffusers-compatible scheduler classes that hold a schedule and call these steps live in
+schedulers.py. Every function computes in the same order and dtype as diffusers 0.42.1
+(`diffusers/schedulers/scheduling_ddim.py`, `scheduling_euler_discrete.py`,
+`scheduling_dpmsolver_multistep.py`), so timesteps are equal and step outputs agree to ~1e-7 in fp32.
 
 Notation: T training timesteps, ᾱ_t = alphas_cumprod[t], σ_t = √((1 − ᾱ_t)/ᾱ_t) (EDM/k-diffusion
 σ-space: x_σ = x0 + σ·ε = z_t/√ᾱ_t for the variance-preserving z_t = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε).
+A sampler works either on VP latents z_t (DDIM, DPM-Solver++) or on σ-space latents x_σ (Euler).
 """
 
-import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
-from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-Generator = torch.Generator | Sequence[torch.Generator] | None
+if TYPE_CHECKING:
+    from pia_torch.schedulers import SchedulerBase
+
+GeneratorArg = torch.Generator | Sequence[torch.Generator] | None  # one, one per batch row, or none
 
 
 # ---------------------------------------------------------------------------------------------
 # Randomness
 
 
-def randn_tensor(shape: Sequence[int], generator: Generator = None, device: torch.device | str | None = None,
+def randn_tensor(shape: Sequence[int], generator: GeneratorArg = None, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> Tensor:
     """Standard normal noise drawn exactly like diffusers' `utils/torch_utils.py::randn_tensor`.
 
@@ -52,7 +53,7 @@ def randn_tensor(shape: Sequence[int], generator: Generator = None, device: torc
 
 
 # ---------------------------------------------------------------------------------------------
-# Schedules (diffusers `DDIMScheduler.__init__` / `set_timesteps`, `EulerDiscreteScheduler` likewise)
+# Schedules (the `__init__` / `set_timesteps` of diffusers' DDIM, Euler and DPM-Solver schedulers)
 
 
 def make_betas(schedule: str, beta_start: float, beta_end: float, num_train_timesteps: int,
@@ -110,6 +111,14 @@ def euler_timesteps(n: int, T: int, spacing: str = "linspace", steps_offset: int
     return torch.from_numpy(_spaced_timesteps(n, T, spacing, steps_offset)).float()
 
 
+def dpm_timesteps(n: int, T: int, spacing: str = "linspace", steps_offset: int = 0) -> Tensor:
+    """int64 timesteps of `DPMSolverMultistepScheduler.set_timesteps`: "linspace" and "leading" space
+    n + 1 points and drop the last (t = 0 or steps_offset); "trailing" is DDIM's."""
+    if spacing == "trailing":
+        return ddim_timesteps(n, T, spacing, steps_offset)
+    return torch.from_numpy(_spaced_timesteps(n + 1, T, spacing, steps_offset)[:-1]).round().long()
+
+
 def train_sigmas(alpha_bar: Tensor) -> Tensor:
     """σ_t = √((1 − ᾱ_t)/ᾱ_t) for t = 0..T−1, float32."""
     return ((1 - alpha_bar) / alpha_bar) ** 0.5
@@ -124,6 +133,12 @@ def sigma_to_t(sigmas: np.ndarray, log_train_sigmas: np.ndarray) -> np.ndarray:
     lo, hi = log_train_sigmas[low], log_train_sigmas[low + 1]
     w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
     return ((1 - w) * low + w * (low + 1)).reshape(sigmas.shape)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """n σ from sigma_max down to sigma_min, evenly spaced in σ^(1/ρ) (Karras et al. 2022, eq. 5)."""
+    ramp = np.linspace(0, 1, n)
+    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
 def euler_sigmas(alpha_bar: Tensor, timesteps: Tensor, *, interpolation: str = "linear", karras: bool = False,
@@ -149,9 +164,7 @@ def euler_sigmas(alpha_bar: Tensor, timesteps: Tensor, *, interpolation: str = "
         lo = sigma_min if sigma_min is not None else float(sigmas[-1])
         hi = sigma_max if sigma_max is not None else float(sigmas[0])
         if karras:
-            rho = 7.0
-            ramp = np.linspace(0, 1, n)
-            sigmas = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+            sigmas = karras_sigmas(lo, hi, n)
         else:
             sigmas = np.exp(np.linspace(math.log(hi), math.log(lo), n))
         ts = sigma_to_t(sigmas, np.log(train))
@@ -162,8 +175,27 @@ def euler_sigmas(alpha_bar: Tensor, timesteps: Tensor, *, interpolation: str = "
     return torch.from_numpy(ts.astype(np.float32)), torch.from_numpy(sigmas)
 
 
+def dpm_sigmas(alpha_bar: Tensor, timesteps: Tensor, n: int, *, karras: bool = False, round_timesteps: bool = True,
+               final_sigmas_type: str = "zero") -> tuple[Tensor, Tensor]:
+    """(int64 timesteps, float32 sigmas with the final σ appended) of `DPMSolverMultistepScheduler.set_timesteps`
+    for n steps: σ interpolated at the timesteps, or n Karras σ over the whole training range (whatever
+    the spacing) mapped back to timesteps, rounded unless `round_timesteps` is off (diffusers does so for
+    squaredcos_cap_v2), then truncated to int64."""
+    train = train_sigmas(alpha_bar).numpy()
+    ts = timesteps.numpy()
+    if karras:
+        sigmas = karras_sigmas(float(train[0]), float(train[-1]), n)
+        ts = sigma_to_t(sigmas, np.log(train))
+        ts = ts.round() if round_timesteps else ts
+    else:
+        sigmas = np.interp(ts, np.arange(len(train)), train)
+    last = float(train[0]) if final_sigmas_type == "sigma_min" else 0.0
+    sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
+    return torch.from_numpy(ts.astype(np.int64)), torch.from_numpy(sigmas)
+
+
 # ---------------------------------------------------------------------------------------------
-# Steps
+# Steps: each returns (x at the next timestep, the predicted clean latent x0)
 
 
 def q_sample(x0: Tensor, noise: Tensor, alpha_bar: Tensor) -> Tensor:
@@ -188,52 +220,56 @@ def dynamic_threshold(x0: Tensor, ratio: float = 0.995, max_value: float = 1.0) 
     return (torch.clamp(flat, -s, s) / s).reshape(shape).to(dtype)
 
 
-def ddim_step(x: Tensor, eps: Tensor, a_t: Tensor, a_prev: Tensor, eta: float = 0.0, noise: Tensor | None = None, *,
-              prediction_type: str = "epsilon", clip_sample_range: float | None = None,
-              threshold: tuple[float, float] | None = None) -> Tensor:
+def _bad_prediction_type(prediction_type: str) -> ValueError:
+    return ValueError(f"unknown prediction_type {prediction_type!r}: use 'epsilon', 'sample' or 'v_prediction'")
+
+
+def ddim_step(x: Tensor, model_output: Tensor, a_t: Tensor, a_prev: Tensor, eta: float = 0.0,
+              noise: Tensor | None = None, *, prediction_type: str = "epsilon", clip_sample_range: float | None = None,
+              threshold: tuple[float, float] | None = None) -> tuple[Tensor, Tensor]:
     """One DDIM update x_t → x_{t_prev} (Song et al. 2021 eq. 12), `DDIMScheduler.step`.
 
-    eps is the model output: ε, x0 ("sample") or v ("v_prediction", Salimans & Ho 2022). a_t, a_prev are
-    ᾱ at t and at the previous timestep (0-d tensors). x0 is clipped to ±clip_sample_range if given,
-    or dynamically thresholded with threshold = (ratio, max_value). eta > 0 adds σ_t·noise.
+    model_output is ε, x0 ("sample") or v ("v_prediction", Salimans & Ho 2022). a_t, a_prev are ᾱ at t
+    and at the previous timestep (0-d tensors). x0 is clipped to ±clip_sample_range if given, or
+    dynamically thresholded with threshold = (ratio, max_value). eta > 0 adds σ_t·noise.
     """
     b_t = 1 - a_t
     if prediction_type == "epsilon":
-        x0 = (x - b_t**0.5 * eps) / a_t**0.5
-        eps_hat = eps
+        x0 = (x - b_t**0.5 * model_output) / a_t**0.5
+        eps = model_output
     elif prediction_type == "sample":
-        x0 = eps
-        eps_hat = (x - a_t**0.5 * x0) / b_t**0.5
+        x0 = model_output
+        eps = (x - a_t**0.5 * x0) / b_t**0.5
     elif prediction_type == "v_prediction":
-        x0 = a_t**0.5 * x - b_t**0.5 * eps
-        eps_hat = a_t**0.5 * eps + b_t**0.5 * x
+        x0 = a_t**0.5 * x - b_t**0.5 * model_output
+        eps = a_t**0.5 * model_output + b_t**0.5 * x
     else:
-        raise ValueError(f"unknown prediction_type {prediction_type!r}: use 'epsilon', 'sample' or 'v_prediction'")
+        raise _bad_prediction_type(prediction_type)
     if threshold is not None:
         x0 = dynamic_threshold(x0, *threshold)
     elif clip_sample_range is not None:
         x0 = x0.clamp(-clip_sample_range, clip_sample_range)
     # eq. 16: σ_t² = (1 − ᾱ_prev)/(1 − ᾱ_t) · (1 − ᾱ_t/ᾱ_prev), scaled by eta
     std = eta * (((1 - a_prev) / b_t) * (1 - a_t / a_prev)) ** 0.5
-    x_prev = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps_hat
+    x_prev = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
     if eta > 0:
         if noise is None:
             raise ValueError("ddim_step with eta > 0 needs `noise`")
         x_prev = x_prev + std * noise
-    return x_prev
+    return x_prev, x0
 
 
-def euler_step(x: Tensor, eps: Tensor, sigma: Tensor | float, sigma_next: Tensor | float, *,
+def euler_step(x: Tensor, model_output: Tensor, sigma: Tensor | float, sigma_next: Tensor | float, *,
                prediction_type: str = "epsilon", gamma: float = 0.0, noise: Tensor | None = None,
-               s_noise: float = 1.0) -> Tensor:
+               s_noise: float = 1.0) -> tuple[Tensor, Tensor]:
     """One Euler step of the probability-flow ODE in σ-space (Karras et al. 2022, Algorithm 2 without
     the Heun correction), `EulerDiscreteScheduler.step`.
 
-    Computes in fp32 and returns eps's dtype. gamma > 0 first raises the noise level to
-    σ̂ = σ(1 + γ) with fresh `noise` ("churn"). Order as diffusers: x0 first, then d = (x − x0)/σ̂,
-    then x + d·(σ_next − σ̂) (x + ε·(σ_next − σ) is equal in exact arithmetic, not in fp32).
+    Computes in fp32; x_next has model_output's dtype, x0 stays fp32. gamma > 0 first raises the noise
+    level to σ̂ = σ(1 + γ) with fresh `noise` ("churn"). Order as diffusers: x0 first, then
+    d = (x − x0)/σ̂, then x + d·(σ_next − σ̂) (x + ε·(σ_next − σ) is equal in exact arithmetic, not in fp32).
     """
-    out_dtype = eps.dtype
+    out_dtype = model_output.dtype
     x = x.to(torch.float32)
     sigma_hat = sigma * (gamma + 1)
     if gamma > 0:
@@ -241,285 +277,66 @@ def euler_step(x: Tensor, eps: Tensor, sigma: Tensor | float, sigma_next: Tensor
             raise ValueError("euler_step with gamma > 0 needs `noise`")
         x = x + noise * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
     if prediction_type in ("sample", "original_sample"):
-        x0 = eps
+        x0 = model_output
     elif prediction_type == "epsilon":
-        x0 = x - sigma_hat * eps
+        x0 = x - sigma_hat * model_output
     elif prediction_type == "v_prediction":
-        x0 = eps * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+        x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
     else:
-        raise ValueError(f"unknown prediction_type {prediction_type!r}: use 'epsilon', 'sample' or 'v_prediction'")
+        raise _bad_prediction_type(prediction_type)
     d = (x - x0) / sigma_hat
-    return (x + d * (sigma_next - sigma_hat)).to(out_dtype)
+    return (x + d * (sigma_next - sigma_hat)).to(out_dtype), x0
+
+
+def vp_alpha_sigma(sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """σ-space σ → the VP pair (α_t, σ_t) = (1/√(σ² + 1), σ/√(σ² + 1)), so that z_t = α_t·x0 + σ_t·ε."""
+    alpha = 1 / ((sigma**2 + 1) ** 0.5)
+    return alpha, sigma * alpha
+
+
+def dpmpp_2m_step(x: Tensor, model_output: Tensor, sigma: Tensor, sigma_next: Tensor, sigma_prev: Tensor | None = None,
+                  x0_prev: Tensor | None = None, *, prediction_type: str = "epsilon",
+                  threshold: tuple[float, float] | None = None, solver_type: str = "midpoint") -> tuple[Tensor, Tensor]:
+    """One DPM-Solver++(2M) step on VP latents (Lu et al. 2022, "DPM-Solver++", Algorithm 2), as
+    `DPMSolverMultistepScheduler.step` with algorithm_type="dpmsolver++".
+
+    σ are σ-space levels of this, the next and the previous step; λ = log(α_t/σ_t), h = λ_next − λ.
+    First order (= DDIM) when x0_prev is None: x_next = (σ_next/σ)·x − α_next·(e^−h − 1)·x0. Otherwise
+    the multistep correction D1 = (x0 − x0_prev)·h/h_prev, weighted ½ ("midpoint") or by
+    (e^−h − 1)/h + 1 ("heun"). Computes in fp32 and returns x0's dtype, as diffusers.
+    """
+    alpha, sigma_t = vp_alpha_sigma(sigma)
+    if prediction_type == "epsilon":
+        x0 = (x - sigma_t * model_output) / alpha
+    elif prediction_type == "sample":
+        x0 = model_output
+    elif prediction_type == "v_prediction":
+        x0 = alpha * x - sigma_t * model_output
+    else:
+        raise _bad_prediction_type(prediction_type)
+    if threshold is not None:
+        x0 = dynamic_threshold(x0, *threshold)
+    x = x.to(torch.float32)
+    alpha_next, sigma_next_t = vp_alpha_sigma(sigma_next)
+    lam, lam_next = torch.log(alpha) - torch.log(sigma_t), torch.log(alpha_next) - torch.log(sigma_next_t)
+    h = lam_next - lam
+    x_next = (sigma_next_t / sigma_t) * x - (alpha_next * (torch.exp(-h) - 1.0)) * x0
+    if x0_prev is not None:
+        alpha_prev, sigma_prev_t = vp_alpha_sigma(sigma_prev)
+        r = (lam - (torch.log(alpha_prev) - torch.log(sigma_prev_t))) / h
+        d1 = (1.0 / r) * (x0 - x0_prev)
+        if solver_type == "midpoint":
+            x_next = x_next - 0.5 * (alpha_next * (torch.exp(-h) - 1.0)) * d1
+        else:  # "heun"
+            x_next = x_next + (alpha_next * ((torch.exp(-h) - 1.0) / h + 1.0)) * d1
+    return x_next.to(x0.dtype), x0
 
 
 # ---------------------------------------------------------------------------------------------
-# diffusers-style scheduler classes
+# A run: timesteps for a strength, the σ the model input is scaled by, and the loop
 
 
-DDIM_DEFAULTS: Mapping[str, Any] = MappingProxyType(dict(
-    num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
-    clip_sample=True, set_alpha_to_one=True, steps_offset=0, prediction_type="epsilon", thresholding=False,
-    dynamic_thresholding_ratio=0.995, clip_sample_range=1.0, sample_max_value=1.0, timestep_spacing="leading",
-    rescale_betas_zero_snr=False,
-))
-
-EULER_DEFAULTS: Mapping[str, Any] = MappingProxyType(dict(
-    num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
-    prediction_type="epsilon", interpolation_type="linear", use_karras_sigmas=False, use_exponential_sigmas=False,
-    use_beta_sigmas=False, sigma_min=None, sigma_max=None, timestep_spacing="linspace", timestep_type="discrete",
-    steps_offset=0, rescale_betas_zero_snr=False, final_sigmas_type="zero",
-))
-
-
-def _make_config(class_name: str, defaults: Mapping[str, Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """The config dict: every option, plus diffusers' `_use_default_values` (the options not given).
-
-    Keeping "absent" apart from "given with the default value" matters: `from_config` lets the
-    target class's own default win for absent options (e.g. Euler's "linspace" spacing).
-    """
-    unknown = sorted(set(kwargs) - set(defaults))
-    if unknown:
-        raise ValueError(f"{class_name} got unknown options {unknown}")
-    config = {"_class_name": class_name, **defaults, **kwargs}
-    if config["trained_betas"] is not None:
-        config["trained_betas"] = [float(b) for b in config["trained_betas"]]
-    absent = sorted(set(defaults) - set(kwargs))
-    if absent:
-        config["_use_default_values"] = absent
-    return config
-
-
-def _init_kwargs(defaults: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
-    """The options of `config` a class takes: diffusers' `ConfigMixin.extract_init_dict` keeps the keys
-    the class accepts, except those listed in `_use_default_values`; all others are ignored."""
-    dropped = set(config.get("_use_default_values", ()))
-    return {k: v for k, v in config.items() if k in defaults and k not in dropped}
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}: use one of {choices}")
-
-
-def _check_steps(n: int, T: int) -> None:
-    if not isinstance(n, int) or not 1 <= n <= T:
-        raise ValueError(f"num_inference_steps must be an int in [1, {T}], got {n!r}")
-
-
-def _at(table: Tensor, t: Tensor) -> Tensor:
-    """table[t] for a 0-d index tensor without a host sync (plain indexing calls .item())."""
-    return table[t.reshape(1)].reshape(())
-
-
-class _Options:
-    """What both schedulers share: diffusers' config handling (`.config`, `from_config`) and the
-    training noise schedule (`num_train_timesteps`, float32 `alphas_cumprod`)."""
-
-    defaults: Mapping[str, Any] = MappingProxyType({})
-
-    def __init__(self, **kwargs: Any) -> None:
-        self._config = c = _make_config(type(self).__name__, self.defaults, kwargs)
-        betas = make_betas(c["beta_schedule"], c["beta_start"], c["beta_end"], c["num_train_timesteps"],
-                           c["trained_betas"])
-        if c["rescale_betas_zero_snr"]:
-            betas = rescale_zero_terminal_snr(betas)
-        self.num_train_timesteps: int = c["num_train_timesteps"]
-        self.alphas_cumprod = alphas_cumprod(betas)
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> Any:
-        """Build from any diffusers scheduler config (PNDM, DDIM, Euler, ...); unused keys are ignored."""
-        return cls(**{**_init_kwargs(cls.defaults, config), **overrides})
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """A copy of the options as a plain dict (feed it to either class's `from_config`)."""
-        return copy.deepcopy(self._config)
-
-
-class DDIMScheduler(_Options):
-    """DDIM (Song et al. 2021) with diffusers' `DDIMScheduler` interface and options (DDIM_DEFAULTS).
-
-    Not supported: `use_clipped_model_output` and `variance_noise` of diffusers' `step`.
-    """
-
-    defaults = DDIM_DEFAULTS
-    order = 1
-    init_noise_sigma = 1.0
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        c = self._config
-        _check_choice("prediction_type", c["prediction_type"], ("epsilon", "sample", "v_prediction"))
-        _check_choice("timestep_spacing", c["timestep_spacing"], ("leading", "trailing", "linspace"))
-        # ᾱ used after the last step: 1 (a clean sample) or ᾱ_0
-        self.final_alpha_cumprod = torch.tensor(1.0) if c["set_alpha_to_one"] else self.alphas_cumprod[0]
-        self.num_inference_steps: int | None = None
-        self.timesteps = torch.arange(self.num_train_timesteps - 1, -1, -1)
-        self._alphas, self._final = self.alphas_cumprod, self.final_alpha_cumprod
-
-    def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
-        c = self._config
-        _check_steps(num_inference_steps, self.num_train_timesteps)
-        self.num_inference_steps = num_inference_steps
-        self.timesteps = ddim_timesteps(num_inference_steps, self.num_train_timesteps, c["timestep_spacing"],
-                                        c["steps_offset"]).to(device=device)
-        self._alphas = self.alphas_cumprod.to(device=device)  # step() looks ᾱ up on the timesteps' device
-        self._final = self.final_alpha_cumprod.to(device=device)
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        """Accepted for API symmetry with Euler; DDIM finds ᾱ from t itself."""
-
-    def scale_model_input(self, x: Tensor, t: Tensor | int | None = None) -> Tensor:
-        return x
-
-    def vp_level(self, t: Tensor | int) -> tuple[Tensor, Tensor]:
-        """(ᾱ_t, 1): DDIM latents are variance-preserving, so the input scale is 1 (see freeinit.py)."""
-        return self.alphas_cumprod[int(t)], torch.tensor(1.0)
-
-    def step(self, eps: Tensor, t: Tensor | int, x: Tensor, *, eta: float = 0.0,
-             generator: Generator = None) -> Tensor:
-        """x_t → x_{t−T//N}. As in diffusers the previous timestep is t − T//N for every spacing, with N
-        the count given to `set_timesteps`; ᾱ_prev is final_alpha_cumprod below 0."""
-        if self.num_inference_steps is None:
-            raise ValueError("call set_timesteps before step")
-        c = self._config
-        t = torch.as_tensor(t, device=self._alphas.device)
-        prev_t = t - self.num_train_timesteps // self.num_inference_steps
-        a_t = _at(self._alphas, t)
-        a_prev = torch.where(prev_t >= 0, _at(self._alphas, prev_t.clamp(min=0)), self._final)
-        noise = randn_tensor(eps.shape, generator, eps.device, eps.dtype) if eta > 0 else None
-        return ddim_step(
-            x, eps, a_t, a_prev, eta, noise, prediction_type=c["prediction_type"],
-            clip_sample_range=c["clip_sample_range"] if c["clip_sample"] else None,
-            threshold=(c["dynamic_thresholding_ratio"], c["sample_max_value"]) if c["thresholding"] else None,
-        )
-
-    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """√ᾱ_t·x0 + √(1 − ᾱ_t)·noise, t of shape () or (b,) (diffusers' broadcasting, see q_sample)."""
-        alpha_bar = self.alphas_cumprod.to(x0.device)[torch.as_tensor(t, device=x0.device)]
-        return q_sample(x0, noise, alpha_bar)
-
-
-class EulerDiscreteScheduler(_Options):
-    """Euler ODE sampler in σ-space (Karras et al. 2022) with diffusers' `EulerDiscreteScheduler`
-    interface and options (EULER_DEFAULTS).
-
-    Not supported (ValueError): use_beta_sigmas, timestep_type "continuous" with v_prediction.
-    Like diffusers it keeps a step index: `scale_model_input` and `step` use sigmas[index], the index
-    starts at the begin index (or at t's position in `timesteps`) and `step` advances it.
-    """
-
-    defaults = EULER_DEFAULTS
-    order = 1
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        c = self._config
-        _check_choice("prediction_type", c["prediction_type"], ("epsilon", "sample", "original_sample", "v_prediction"))
-        _check_choice("timestep_spacing", c["timestep_spacing"], ("linspace", "leading", "trailing"))
-        _check_choice("interpolation_type", c["interpolation_type"], ("linear", "log_linear"))
-        _check_choice("final_sigmas_type", c["final_sigmas_type"], ("zero", "sigma_min"))
-        if c["use_beta_sigmas"]:
-            raise ValueError("use_beta_sigmas=True is unsupported")
-        if c["use_karras_sigmas"] and c["use_exponential_sigmas"]:
-            raise ValueError("use at most one of use_karras_sigmas and use_exponential_sigmas")
-        if c["timestep_type"] == "continuous" and c["prediction_type"] == "v_prediction":
-            raise ValueError("timestep_type='continuous' with v_prediction is unsupported")
-        if c["rescale_betas_zero_snr"]:
-            self.alphas_cumprod[-1] = 2**-24  # keep σ_{T−1} finite
-        self.num_inference_steps: int | None = None
-        self.timesteps = torch.arange(self.num_train_timesteps - 1, -1, -1).float()
-        self.sigmas = torch.cat([train_sigmas(self.alphas_cumprod).flip(0), torch.zeros(1)])
-        self._step_index: int | None = None
-        self._begin_index: int | None = None
-
-    @property
-    def init_noise_sigma(self) -> Tensor:
-        """Scale of pure-noise starting latents: σ_max, or √(σ_max² + 1) with "leading" spacing."""
-        max_sigma = self.sigmas.max()
-        if self._config["timestep_spacing"] in ("linspace", "trailing"):
-            return max_sigma
-        return (max_sigma**2 + 1) ** 0.5
-
-    def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
-        """Sets timesteps (float32, on `device`) and sigmas (float32, kept on the CPU); clears the indices."""
-        c = self._config
-        _check_steps(num_inference_steps, self.num_train_timesteps)
-        self.num_inference_steps = num_inference_steps
-        timesteps = euler_timesteps(num_inference_steps, self.num_train_timesteps, c["timestep_spacing"],
-                                    c["steps_offset"])
-        timesteps, self.sigmas = euler_sigmas(
-            self.alphas_cumprod, timesteps, interpolation=c["interpolation_type"], karras=c["use_karras_sigmas"],
-            exponential=c["use_exponential_sigmas"], sigma_min=c["sigma_min"], sigma_max=c["sigma_max"],
-            final_sigmas_type=c["final_sigmas_type"])
-        self.timesteps = timesteps.to(device=device)
-        self._step_index = self._begin_index = None
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        self._begin_index = begin_index
-
-    def index_for_timestep(self, t: Tensor | float) -> int:
-        """Position of t in `timesteps` (the second one if t occurs twice, as diffusers). Host sync."""
-        hits = (self.timesteps == torch.as_tensor(t).to(self.timesteps.device)).nonzero()
-        if len(hits) == 0:
-            raise ValueError(f"timestep {t} is not in the current schedule")
-        return int(hits[1 if len(hits) > 1 else 0])
-
-    def _index(self, t: Tensor | float) -> int:
-        if self._step_index is None:
-            self._step_index = self._begin_index if self._begin_index is not None else self.index_for_timestep(t)
-        return self._step_index
-
-    def scale_model_input(self, x: Tensor, t: Tensor | float) -> Tensor:
-        """x/√(σ² + 1): the σ-space latent back to unit variance for the UNet (EDM's c_in)."""
-        sigma = self.sigmas[self._index(t)]
-        return x / ((sigma**2 + 1) ** 0.5)
-
-    def vp_level(self, t: Tensor | float) -> tuple[Tensor, Tensor]:
-        """(ᾱ, √(σ² + 1)) at the schedule's timestep t, with σ = sigmas[index of t] and ᾱ = 1/(σ² + 1):
-        Euler's latent at that level is x0 + σ·ε = √(σ² + 1)·z_t (see freeinit.py)."""
-        sigma = self.sigmas[self.index_for_timestep(t)]
-        return 1 / (sigma**2 + 1), (sigma**2 + 1) ** 0.5
-
-    def step(self, eps: Tensor, t: Tensor | float, x: Tensor, *, eta: float = 0.0, generator: Generator = None,
-             s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
-             s_noise: float = 1.0) -> Tensor:
-        """x at sigmas[i] → sigmas[i+1]. `eta` is accepted for a uniform call and ignored (diffusers' Euler
-        has none); `generator` is used only for churn (s_churn > 0)."""
-        if isinstance(t, int) or (torch.is_tensor(t) and not torch.is_floating_point(t)):
-            raise ValueError(f"Euler step needs a float timestep from `timesteps`, got {t!r}")
-        i = self._index(t)
-        sigma = self.sigmas[i]
-        gamma = 0.0
-        if s_churn > 0 and s_tmin <= sigma <= s_tmax:  # host sync, only with churn
-            gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1)
-        noise = randn_tensor(eps.shape, generator, eps.device, eps.dtype) if gamma > 0 else None
-        x_prev = euler_step(x, eps, sigma, self.sigmas[i + 1], prediction_type=self._config["prediction_type"],
-                            gamma=gamma, noise=noise, s_noise=s_noise)
-        self._step_index = i + 1
-        return x_prev
-
-    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """x0 + σ·noise (σ-space, no √ᾱ factor). σ comes from the step index if set, else the begin index,
-        else each t's position in `timesteps` (diffusers' order of precedence)."""
-        t = torch.as_tensor(t).reshape(-1)
-        if self._begin_index is None:
-            idx = [self.index_for_timestep(s) for s in t]
-        else:
-            idx = [self._step_index if self._step_index is not None else self._begin_index] * len(t)
-        sigma = self.sigmas.to(device=x0.device, dtype=x0.dtype)[idx]
-        return x0 + noise * sigma.reshape(-1, *([1] * (x0.ndim - 1)))
-
-
-Scheduler = DDIMScheduler | EulerDiscreteScheduler
-
-
-# ---------------------------------------------------------------------------------------------
-# Timesteps for a strength and the sampling loop
-
-
-def prepare_timesteps(scheduler: Scheduler, num_inference_steps: int, strength: float = 1.0,
+def prepare_timesteps(scheduler: "SchedulerBase", num_inference_steps: int, strength: float = 1.0,
                       device: torch.device | str | None = None) -> Tensor:
     """The schedule of an img2img run (diffusers' `get_timesteps`): set N steps, skip the first
     N − int(N·strength) of them, and tell the scheduler where the run begins."""
@@ -534,20 +351,37 @@ def prepare_timesteps(scheduler: Scheduler, num_inference_steps: int, strength: 
     return timesteps
 
 
-def sample(denoise: Callable[[Tensor, Tensor], Tensor], x: Tensor, timesteps: Tensor,
-           step: Callable[[Tensor, Tensor, Tensor], Tensor],
-           callback: Callable[[dict[str, Any]], Mapping[str, Any] | None] | None = None,
-           progress: bool = True) -> Tensor:
-    """The sampling loop (k-diffusion style): for each t, eps = denoise(x, t); x = step(eps, t, x).
+def step_sigmas(scheduler: "SchedulerBase", timesteps: Tensor) -> Tensor | None:
+    """σ of each of `timesteps` (consecutive steps of the scheduler's current schedule, starting at its
+    begin index if set) for a σ-space sampler; None for one on VP latents (its model input is unscaled)."""
+    if not scheduler.sigma_space:
+        return None
+    begin = scheduler.begin_index
+    begin = scheduler.index_for_timestep(timesteps[0]) if begin is None else begin
+    return scheduler.sigmas[begin:begin + len(timesteps)]
 
-    `denoise` is the model closure (input scaling, conditioning, CFG); `step` is e.g. `scheduler.step`.
-    After each step `callback({"i": i, "t": t, "x": x})` is called if given; if it returns a mapping
-    with an "x" entry, that tensor replaces x for the following steps. Returns the final x.
+
+def sample(denoise: Callable[[Tensor, Tensor], Tensor], x: Tensor, timesteps: Tensor,
+           step: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]],
+           callback: Callable[[dict[str, Any]], Mapping[str, Any] | None] | None = None,
+           progress: bool = True, *, sigmas: Tensor | None = None) -> Tensor:
+    """The sampling loop (k-diffusion style). For step i at timestep t:
+
+        model_output = denoise(x_in, t)     x_in = x, or x/√(σ_i² + 1) for σ-space latents (EDM's c_in)
+        x, x0 = step(model_output, t, x)
+
+    `denoise` is the stateless model closure (conditioning, CFG): it gets the model's input as it is.
+    `step` is e.g. `scheduler.step_with_x0`; `sigmas` comes from `step_sigmas` (None: x_in = x).
+    After each step `callback({"i", "t", "x", "model_output", "x0"})` is called if given ("x" is the
+    new latent, "x0" the step's predicted clean latent); if it returns a mapping with an "x" entry,
+    that tensor replaces x for the following steps. Returns the final x.
     """
     for i, t in enumerate(tqdm(timesteps, disable=not progress)):
-        x = step(denoise(x, t), t, x)
+        x_in = x if sigmas is None else x / ((sigmas[i] ** 2 + 1) ** 0.5)
+        model_output = denoise(x_in, t)
+        x, x0 = step(model_output, t, x)
         if callback is not None:
-            out = callback({"i": i, "t": t, "x": x})
+            out = callback({"i": i, "t": t, "x": x, "model_output": model_output, "x0": x0})
             if out is not None and "x" in out:
                 x = out["x"]
     return x

@@ -9,120 +9,29 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import make_adapter, make_unet2d, make_vae, randomize_
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from conftest import FRAMES_ATOL, SD15_PNDM, assert_parity, fan_in, image, pipeline_depth, run, tol
 
-import pia_torch.sampling as pia_sampling
-from pia_torch.demo import ASSETS, demo_image
+import pia_torch.schedulers as pia_sampling
+from pia_torch.demo import demo_image
 from pia_torch.loading import MotionAdapter
 from pia_torch.pipeline import PIAPipeline, mask_coefficients
 
-TOL = 1e-3
-# spec/unet_motion.md §1.4: the tiny DDIM of diffusers' PIA fast test
-TINY_DDIM = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False)
-# A runwayml-era SD1.5 scheduler_config.json (spec/schedulers.md §3.1)
-SD15_PNDM = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
-             "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
-             "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
-             "clip_sample": False}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-# --------------------------------------------------------------------------------------------- fixtures
+def __getattr__(name: str):
+    """Transition only: the helpers and fixtures that moved to conftest stay importable from here until
+    test_schedulers.py and test_weight_search.py import them from conftest. Delete this then."""
+    import conftest
 
-def make_text_encoder(seed: int = 30) -> CLIPTextModel:
-    """spec/unet_motion.md §1.4's tiny CLIP text tower (hidden 8 = the tiny UNet's cross_attention_dim)."""
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(hidden_size=8, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
-                            vocab_size=1000, layer_norm_eps=1e-5, bos_token_id=527, eos_token_id=528, pad_token_id=528)
-    return randomize_(CLIPTextModel(config).eval(), seed + 1)
-
-
-def save_base(root: Path, scheduler_config: dict | None = None) -> Path:
-    """A hub-shaped SD1.5-style folder of tiny components; returns root."""
-    make_unet2d("tiny").save_pretrained(root / "unet")
-    make_vae("tiny").save_pretrained(root / "vae")
-    make_text_encoder().save_pretrained(root / "text_encoder")
-    shutil.copytree(ASSETS / "tokenizer", root / "tokenizer")
-    if scheduler_config is None:
-        diffusers.DDIMScheduler(**TINY_DDIM).save_pretrained(root / "scheduler")
-    else:
-        (root / "scheduler").mkdir()
-        (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config))
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-             "scheduler": ["diffusers", json.loads((root / "scheduler" / "scheduler_config.json").read_text())["_class_name"]],
-             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
-    (root / "model_index.json").write_text(json.dumps(index))
-    return root
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run ~10x faster on one thread than on two shared, contended cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def folders(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("pia_tiny")
-    make_adapter("tiny").save_pretrained(root / "adapter")
-    return {"base": save_base(root / "base"), "adapter": root / "adapter"}
-
-
-@pytest.fixture(scope="session")
-def reference(folders) -> diffusers.PIAPipeline:
-    """diffusers' PIAPipeline on the same weights."""
-    pipe = diffusers.PIAPipeline(
-        vae=make_vae("tiny"), text_encoder=make_text_encoder(), tokenizer=CLIPTokenizer.from_pretrained(ASSETS / "tokenizer"),
-        unet=make_unet2d("tiny"), motion_adapter=diffusers.MotionAdapter.from_pretrained(folders["adapter"]),
-        scheduler=diffusers.DDIMScheduler(**TINY_DDIM))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="session")
-def ours_session(folders) -> PIAPipeline:
-    pipe = PIAPipeline.from_pretrained(folders["base"], motion_adapter=MotionAdapter.from_pretrained(folders["adapter"]),
-                                       convention="diffusers")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture
-def pipes(reference, ours_session):
-    """(diffusers, pia_torch), each with a fresh tiny DDIM and FreeInit / FreeU off."""
-    for pipe, module in ((reference, diffusers), (ours_session, pia_sampling)):
-        pipe.scheduler = module.DDIMScheduler(**TINY_DDIM)
-        pipe.disable_free_init()
-        pipe.disable_freeu()
-    yield reference, ours_session
-
-
-def image(width: int = 16, height: int = 16):
-    return demo_image().resize((width, height))
-
-
-def run(pipe, seed: int = 0, **kwargs):
-    args = dict(image=image(), prompt="a cat in a field", num_frames=4, num_inference_steps=3, output_type="np")
-    args.update(kwargs)
-    return pipe(generator=torch.Generator().manual_seed(seed), **args).frames
-
-
-def assert_parity(pipes, **kwargs) -> float:
-    ref, ours = (run(p, **kwargs) for p in pipes)
-    assert ref.shape == ours.shape and ours.dtype == np.float32
-    err = float(np.abs(ref - ours).max())
-    assert err <= TOL, err
-    return err
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return getattr(conftest, name)
 
 
 # --------------------------------------------------------------------------------------------- parity
@@ -141,9 +50,10 @@ def test_ddim_every_step(pipes):
         frames = run(pipe, num_inference_steps=4, negative_prompt="blurry", callback_on_step_end=record(name))
         steps[name + "_frames"] = frames
     assert [t for t, _ in steps["ref"]] == [t for t, _ in steps["ours"]] == [750, 500, 250, 0]
-    for (_, a), (_, b) in zip(steps["ref"], steps["ours"]):
-        torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
-    assert np.abs(steps["ref_frames"] - steps["ours_frames"]).max() <= TOL
+    # the latents after step i carry the rounding of i + 1 UNet evaluations (and of the text and image encoders)
+    for i, ((_, a), (_, b)) in enumerate(zip(steps["ref"], steps["ours"])):
+        torch.testing.assert_close(b, a, **tol(a, pipeline_depth(pipes[1], i + 1)))
+    assert np.abs(steps["ref_frames"] - steps["ours_frames"]).max() <= FRAMES_ATOL
 
 
 def test_euler(pipes):
@@ -220,8 +130,10 @@ def test_output_types(pipes):
     for output_type, shape in [("np", (1, 4, 16, 16, 3)), ("pt", (1, 4, 3, 16, 16)), ("latent", (1, 4, 4, 8, 8))]:
         a, b = run(ref, output_type=output_type), run(ours, output_type=output_type)
         assert tuple(a.shape) == tuple(b.shape) == shape and type(a) is type(b)
-        if output_type != "np":
-            torch.testing.assert_close(b, a, atol=TOL, rtol=0)
+        if output_type == "pt":
+            torch.testing.assert_close(b, a, atol=FRAMES_ATOL, rtol=0)
+        elif output_type == "latent":  # the denoised latents: rounding through the 3 steps
+            torch.testing.assert_close(b, a, **tol(a, pipeline_depth(ours, 3)))
     a, b = run(ref, output_type="pil"), run(ours, output_type="pil")
     assert len(a) == len(b) == 1 and len(b[0]) == 4 and b[0][0].size == (16, 16) and b[0][0].mode == "RGB"
     assert max(np.abs(np.asarray(x, int) - np.asarray(y, int)).max() for x, y in zip(a[0], b[0])) <= 1
@@ -232,7 +144,7 @@ def test_output_types(pipes):
 
 
 def test_decode_variants_agree(pipes):
-    """decode_chunk_size and VAE slicing change only the conv batching (~1e-7)."""
+    """decode_chunk_size and VAE slicing change only the conv batching: the frames agree up to rounding."""
     _, ours = pipes
     plain = run(ours, num_inference_steps=2)
     chunked = run(ours, num_inference_steps=2, decode_chunk_size=3)
@@ -241,8 +153,10 @@ def test_decode_variants_agree(pipes):
         sliced = run(ours, num_inference_steps=2)
     finally:
         ours.disable_vae_slicing()
-    np.testing.assert_allclose(chunked, plain, atol=1e-5)
-    np.testing.assert_allclose(sliced, plain, atol=1e-5)
+    # the VAE decoder's convs see other batch sizes: rounding through the decoder only
+    decoder = tol(plain, fan_in(ours.vae.post_quant_conv) + fan_in(ours.vae.decoder))
+    np.testing.assert_allclose(chunked, plain, **decoder)
+    np.testing.assert_allclose(sliced, plain, **decoder)
 
 
 # --------------------------------------------------------------------------------------------- loading

@@ -12,10 +12,12 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from test_pipeline import TINY_DDIM, folders, image, one_thread, ours_session, pipes, reference, run  # noqa: F401
+from conftest import TINY_DDIM, fan_in, image, pipeline_depth, run, tol
 
-import pia_torch.sampling as pia_sampling
+import pia_torch.schedulers as pia_sampling
 from pia_torch.pipeline import preprocess_image
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gens(*seeds: int) -> list[torch.Generator]:
@@ -23,24 +25,27 @@ def gens(*seeds: int) -> list[torch.Generator]:
 
 
 def test_num_videos_per_prompt(pipes):
-    """Each video is its own draw; with a list of generators video k is the single run of generator k."""
+    """Each video is its own draw; with a list of generators video k is the single run of generator k
+    (up to rounding: every layer sees another batch size, so kernels sum in another order)."""
     ref, ours = pipes
     videos = ours(image(), "a cat in a field", num_frames=4, num_inference_steps=3, num_videos_per_prompt=2,
                   generator=gens(1, 2), output_type="np").frames
     assert videos.shape == (2, 4, 16, 16, 3)
     for k, seed in enumerate((1, 2)):
-        np.testing.assert_allclose(videos[k], run(ours, seed=seed)[0], atol=1e-5, rtol=0)
+        single = run(ours, seed=seed)[0]
+        np.testing.assert_allclose(videos[k], single, **tol(single, pipeline_depth(ours, 3)))
     two = run(ours, num_videos_per_prompt=2)                        # one generator: two different videos
     assert two.shape[0] == 2 and np.abs(two[0] - two[1]).max() > 1e-2
     four = ours(image(), ["a cat", "a hat"], num_frames=4, num_inference_steps=2, num_videos_per_prompt=2,
                 generator=gens(1, 2, 3, 4), output_type="np").frames
     single = ours(image(), "a hat", num_frames=4, num_inference_steps=2, generator=gens(3)[0], output_type="np").frames
-    np.testing.assert_allclose(four[2], single[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(four[2], single[0], **tol(single[0], pipeline_depth(ours, 2)))
     assert run(ref, num_videos_per_prompt=2).shape[0] == 1          # diffusers: silently 1
 
 
 def test_batch_of_images_with_strength(pipes):
-    """strength < 1 with two prompts and two images: video k starts from image k (diffusers: RuntimeError)."""
+    """strength < 1 with two prompts and two images: video k starts from image k (diffusers: RuntimeError),
+    equal to its single run up to rounding (another batch size)."""
     ref, ours = pipes
     images = [image(), image().transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)]
     prompts = ["a cat", "a hat"]
@@ -48,7 +53,7 @@ def test_batch_of_images_with_strength(pipes):
     both = ours(images, prompts, generator=gens(1, 2), **args).frames
     for k in range(2):
         single = ours(images[k], prompts[k], generator=gens(k + 1)[0], **args).frames
-        np.testing.assert_allclose(both[k], single[0], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(both[k], single[0], **tol(single[0], pipeline_depth(ours, 3)))  # int(5·0.6) steps
     assert np.abs(both[0] - both[1]).max() > 1e-2
     with pytest.raises(RuntimeError):
         ref(images, prompts, generator=gens(1, 2), **args)
@@ -163,17 +168,17 @@ def test_free_init_euler(pipes):
         run(ref)
 
     starts: list[torch.Tensor] = []
-    scale = ours.scheduler.scale_model_input
+    step = ours.scheduler.step_with_x0
 
-    def record(x, t):
-        if int(t) == int(ours.scheduler.timesteps[0]) and len(starts) < 3 and x.shape[0] == 2:
+    def record(model_output, t, x, **options):  # x: the latents a step starts from
+        if int(t) == int(ours.scheduler.timesteps[0]) and len(starts) < 3:
             starts.append(x[:1].clone())
-        return scale(x, t)
+        return step(model_output, t, x, **options)
 
-    ours.scheduler.scale_model_input = record
+    ours.scheduler.step_with_x0 = record
     args = dict(num_frames=8, height=32, width=32, image=image(32, 32), num_inference_steps=4)
     frames = run(ours, **args)
-    del ours.scheduler.scale_model_input
+    del ours.scheduler.step_with_x0
     assert len(starts) == 3 and np.isfinite(frames).all()
     std0 = starts[0].std().item()
     assert abs(std0 / float(ours.scheduler.init_noise_sigma) - 1) < 0.05
@@ -212,7 +217,9 @@ def test_offload_and_vae_slicing_without_accelerator(pipes, caplog, monkeypatch)
     assert any("no accelerator" in r.getMessage() for r in caplog.records)
     ours.enable_vae_slicing()
     try:
-        np.testing.assert_allclose(run(ours), before, atol=1e-5, rtol=0)
+        # offload is a no-op without an accelerator; slicing decodes one video at a time (rounding only)
+        decoder_depth = fan_in(ours.vae.post_quant_conv) + fan_in(ours.vae.decoder)
+        np.testing.assert_allclose(run(ours), before, **tol(before, decoder_depth))
         assert ours.device.type == "cpu"
     finally:
         ours.disable_vae_slicing()
