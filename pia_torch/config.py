@@ -29,9 +29,9 @@ def _one(value: Any, name: str) -> Any:
     return value
 
 
-def _require(cfg: dict, key: str, default: Any, allowed: tuple) -> None:
-    """Raise unless cfg[key] (or the diffusers default) is one of `allowed`."""
-    value = cfg.get(key, default)
+def _require(config: dict, key: str, default: Any, allowed: tuple) -> None:
+    """Raise unless config[key] (or the diffusers default) is one of `allowed`."""
+    value = config.get(key, default)
     if isinstance(value, (list, tuple)) and value:
         value = _one(value, key)
     if value not in allowed:
@@ -69,28 +69,38 @@ class MotionConfig:
             raise ValueError(f"bad MotionConfig: {self}")
 
     @classmethod
-    def from_diffusers(cls, cfg: dict) -> MotionConfig:
-        """Read a MotionAdapter `config.json`."""
-        if cfg.get("_class_name") not in (None, "MotionAdapter"):
-            raise ValueError(f"not a MotionAdapter config: _class_name={cfg.get('_class_name')!r}")
-        boc = tuple(cfg.get("block_out_channels", (320, 640, 1280, 1280)))
+    def from_diffusers(cls, config: dict, class_name: str = "MotionAdapter") -> MotionConfig:
+        """Read a MotionAdapter `config.json`, or the motion part of a UNetMotionModel one (class_name
+        "UNetMotionModel"), which names some keys differently (_MOTION_KEYS)."""
+        if config.get("_class_name") not in (None, class_name):
+            raise ValueError(f"not a {class_name} config: _class_name={config.get('_class_name')!r}")
+        key = _MOTION_KEYS[class_name]
+        boc = tuple(config.get("block_out_channels", (320, 640, 1280, 1280)))
         n = len(boc)
         return cls(
             block_out_channels=boc,
-            layers_per_block=_per_level(cfg.get("motion_layers_per_block", 2), n, "motion_layers_per_block"),
-            num_attention_heads=_per_level(cfg.get("motion_num_attention_heads", 8), n, "motion_num_attention_heads"),
-            transformer_layers_per_block=_per_level(
-                cfg.get("motion_transformer_layers_per_block", 1), n, "motion_transformer_layers_per_block"
-            ),
-            max_seq_length=cfg.get("motion_max_seq_length", 32),
-            use_mid_block=cfg.get("use_motion_mid_block", True),
-            mid_block_layers=cfg.get("motion_mid_block_layers_per_block", 1),
-            transformer_layers_per_mid_block=_one(
-                cfg.get("motion_transformer_layers_per_mid_block", 1), "motion_transformer_layers_per_mid_block"
-            ),
-            norm_num_groups=cfg.get("motion_norm_num_groups", 32),
-            conv_in_channels=cfg.get("conv_in_channels") or None,
+            layers_per_block=_per_level(config.get(key["layers"], 2), n, key["layers"]),
+            num_attention_heads=_per_level(config.get("motion_num_attention_heads", 8), n, "motion_num_attention_heads"),
+            transformer_layers_per_block=_per_level(config.get(key["depth"], 1), n, key["depth"]),
+            max_seq_length=config.get("motion_max_seq_length", 32),
+            use_mid_block=config.get("use_motion_mid_block", True),
+            mid_block_layers=config.get(key["mid_layers"], 1),
+            transformer_layers_per_mid_block=_one(config.get(key["mid_depth"]) or 1, key["mid_depth"]),
+            norm_num_groups=config.get(key["groups"], 32),
+            conv_in_channels=config.get("conv_in_channels") or None,
         )
+
+
+# The keys that MotionAdapter and UNetMotionModel name differently in config.json, with the same diffusers
+# defaults (diffusers/models/unets/unet_motion_model.py); the other motion keys have one name in both.
+_MOTION_KEYS = {
+    "MotionAdapter": {"layers": "motion_layers_per_block", "depth": "motion_transformer_layers_per_block",
+                      "mid_layers": "motion_mid_block_layers_per_block",
+                      "mid_depth": "motion_transformer_layers_per_mid_block", "groups": "motion_norm_num_groups"},
+    "UNetMotionModel": {"layers": "layers_per_block", "depth": "temporal_transformer_layers_per_block",
+                        "mid_layers": "mid_block_layers", "mid_depth": "temporal_transformer_layers_per_mid_block",
+                        "groups": "norm_num_groups"},
+}
 
 
 @dataclass(frozen=True)
@@ -114,13 +124,19 @@ class UNetConfig:
     sample_size: int | None
     motion: MotionConfig | None = None
     convention: str = "original"
+    up_cross_attention: tuple[bool, ...] | None = None  # per up level, in up_blocks order; None: the mirror
+
+    @property
+    def up_attention(self) -> tuple[bool, ...]:
+        """Whether up level i (up_blocks order) has spatial transformers: the down levels' mirror by default."""
+        return self.cross_attention[::-1] if self.up_cross_attention is None else self.up_cross_attention
 
     def __post_init__(self) -> None:
         if self.convention not in CONVENTIONS:
             raise ValueError(f"convention must be one of {CONVENTIONS}, got {self.convention!r}")
         n = len(self.block_out_channels)
-        if len(self.cross_attention) != n or len(self.num_attention_heads) != n:
-            raise ValueError(f"cross_attention and num_attention_heads need {n} entries: {self}")
+        if len(self.cross_attention) != n or len(self.num_attention_heads) != n or len(self.up_attention) != n:
+            raise ValueError(f"cross_attention, up_cross_attention and num_attention_heads need {n} entries: {self}")
         for c, heads in zip(self.block_out_channels, self.num_attention_heads):
             if c % self.norm_num_groups or c % heads:
                 raise ValueError(f"channels {c} not divisible by {self.norm_num_groups} groups / {heads} heads")
@@ -139,24 +155,22 @@ class UNetConfig:
 
     @classmethod
     def from_diffusers(
-        cls, cfg: dict, motion: MotionConfig | None = None, convention: str = "original"
+        cls, config: dict, motion: MotionConfig | None = None, convention: str = "original"
     ) -> UNetConfig:
         """Read a UNet2DConditionModel (optionally + a MotionAdapter's config) or a UNetMotionModel config.json."""
-        name = cfg.get("_class_name")
+        name = config.get("_class_name")
         if name not in (None, "UNet2DConditionModel", "UNetMotionModel"):
             raise ValueError(f"unsupported UNet class {name!r}")
-        is_motion = name == "UNetMotionModel" or any("Motion" in t for t in cfg.get("down_block_types", ()))
+        is_motion = name == "UNetMotionModel" or any("Motion" in t for t in config.get("down_block_types", ()))
         down_cross, up_cross = ("CrossAttnDownBlockMotion", "CrossAttnUpBlockMotion") if is_motion else (
             "CrossAttnDownBlock2D", "CrossAttnUpBlock2D")
         down_plain, up_plain = ("DownBlockMotion", "UpBlockMotion") if is_motion else ("DownBlock2D", "UpBlock2D")
-        down = tuple(cfg.get("down_block_types", (down_cross,) * 3 + (down_plain,)))
-        up = tuple(cfg.get("up_block_types", (up_plain,) + (up_cross,) * 3))
+        down = tuple(config.get("down_block_types", (down_cross,) * 3 + (down_plain,)))
+        up = tuple(config.get("up_block_types", (up_plain,) + (up_cross,) * 3))
         if any(t not in (down_cross, down_plain) for t in down) or any(t not in (up_cross, up_plain) for t in up):
             raise ValueError(f"unsupported block types {down} / {up}")
-        cross = tuple(t == down_cross for t in down)
-        if tuple(t == up_cross for t in up) != cross[::-1]:
-            raise ValueError(f"up_block_types {up} must mirror down_block_types {down}")
-        boc = tuple(cfg.get("block_out_channels", (320, 640, 1280, 1280)))
+        cross, up_cross_attention = tuple(t == down_cross for t in down), tuple(t == up_cross for t in up)
+        boc = tuple(config.get("block_out_channels", (320, 640, 1280, 1280)))
         n = len(boc)
         if len(down) != n or len(up) != n:
             raise ValueError(f"{n} levels but block types {down} / {up}")
@@ -192,28 +206,16 @@ class UNetConfig:
             "timestep_post_act", "cross_attention_norm", "addition_time_embed_dim",
             "projection_class_embeddings_input_dim",
         )]:
-            _require(cfg, key, default, allowed)
-        if cfg.get("norm_num_groups", 32) is None:
+            _require(config, key, default, allowed)
+        if config.get("norm_num_groups", 32) is None:
             raise ValueError("norm_num_groups=None (no conv_norm_out) is not supported")
 
-        layers = _one(cfg.get("layers_per_block", 2), "layers_per_block")
-        heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)  # legacy name = heads
-        in_channels = cfg.get("in_channels", 4)
+        layers = _one(config.get("layers_per_block", 2), "layers_per_block")
+        heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)  # legacy name = heads
+        in_channels = config.get("in_channels", 4)
         if is_motion:
-            heads_key, depth_key = "motion_num_attention_heads", "temporal_transformer_layers_per_block"
-            mid_depth_key = "temporal_transformer_layers_per_mid_block"
-            own = MotionConfig(
-                block_out_channels=boc,
-                layers_per_block=(layers,) * n,
-                num_attention_heads=_per_level(cfg.get(heads_key, 8), n, heads_key),
-                transformer_layers_per_block=_per_level(cfg.get(depth_key, 1), n, depth_key),
-                max_seq_length=cfg.get("motion_max_seq_length", 32),
-                use_mid_block=cfg.get("use_motion_mid_block", True),
-                mid_block_layers=cfg.get("mid_block_layers", 1),
-                transformer_layers_per_mid_block=_one(cfg.get(mid_depth_key) or 1, mid_depth_key),
-                norm_num_groups=cfg.get("norm_num_groups", 32),
-            )
-            rev = cfg.get("reverse_motion_num_attention_heads")
+            own = MotionConfig.from_diffusers(config, "UNetMotionModel")
+            rev = config.get("reverse_motion_num_attention_heads")
             if rev is not None and _per_level(rev, n, "reverse heads") != own.num_attention_heads[::-1]:
                 raise ValueError(f"unsupported reverse_motion_num_attention_heads={rev!r}")
             if not own.use_mid_block and own.mid_block_layers != 1:
@@ -225,15 +227,16 @@ class UNetConfig:
             in_channels = motion.conv_in_channels  # PIA: the adapter's 9-channel conv_in (from_unet2d)
         return cls(
             in_channels=in_channels,
-            out_channels=cfg.get("out_channels", 4),
+            out_channels=config.get("out_channels", 4),
             block_out_channels=boc,
             cross_attention=cross,
+            up_cross_attention=None if up_cross_attention == cross[::-1] else up_cross_attention,
             layers_per_block=layers,
-            cross_attention_dim=_one(cfg.get("cross_attention_dim", 1280), "cross_attention_dim"),
+            cross_attention_dim=_one(config.get("cross_attention_dim", 1280), "cross_attention_dim"),
             num_attention_heads=_per_level(heads, n, "attention_head_dim"),
-            norm_num_groups=cfg.get("norm_num_groups", 32),
-            norm_eps=cfg.get("norm_eps", 1e-5),
-            sample_size=cfg.get("sample_size"),
+            norm_num_groups=config.get("norm_num_groups", 32),
+            norm_eps=config.get("norm_eps", 1e-5),
+            sample_size=config.get("sample_size"),
             motion=motion,
             convention=convention,
         )
@@ -253,13 +256,13 @@ class VAEConfig:
     sample_size: int = 32
 
     @classmethod
-    def from_diffusers(cls, cfg: dict) -> VAEConfig:
+    def from_diffusers(cls, config: dict) -> VAEConfig:
         """Read an AutoencoderKL `config.json`."""
-        if cfg.get("_class_name") not in (None, "AutoencoderKL"):
-            raise ValueError(f"not an AutoencoderKL config: _class_name={cfg.get('_class_name')!r}")
-        boc = tuple(cfg.get("block_out_channels", (64,)))
-        down = tuple(cfg.get("down_block_types", ("DownEncoderBlock2D",)))
-        up = tuple(cfg.get("up_block_types", ("UpDecoderBlock2D",)))
+        if config.get("_class_name") not in (None, "AutoencoderKL"):
+            raise ValueError(f"not an AutoencoderKL config: _class_name={config.get('_class_name')!r}")
+        boc = tuple(config.get("block_out_channels", (64,)))
+        down = tuple(config.get("down_block_types", ("DownEncoderBlock2D",)))
+        up = tuple(config.get("up_block_types", ("UpDecoderBlock2D",)))
         if down != ("DownEncoderBlock2D",) * len(boc) or up != ("UpDecoderBlock2D",) * len(boc):
             raise ValueError(f"unsupported VAE block types {down} / {up}")
         for key, default, allowed in [
@@ -271,18 +274,16 @@ class VAEConfig:
             ("use_post_quant_conv", True, (True,)),
             ("mid_block_add_attention", True, (True,)),
         ]:
-            value = cfg.get(key, default)
-            if value not in allowed:
-                raise ValueError(f"unsupported {key}={value!r} in VAE config.json (supported: {allowed})")
+            _require(config, key, default, allowed)
         return cls(
-            in_channels=cfg.get("in_channels", 3),
-            out_channels=cfg.get("out_channels", 3),
-            latent_channels=cfg.get("latent_channels", 4),
+            in_channels=config.get("in_channels", 3),
+            out_channels=config.get("out_channels", 3),
+            latent_channels=config.get("latent_channels", 4),
             block_out_channels=boc,
-            layers_per_block=cfg.get("layers_per_block", 1),
-            norm_num_groups=cfg.get("norm_num_groups", 32),
-            scaling_factor=cfg.get("scaling_factor") or 0.18215,
-            sample_size=cfg.get("sample_size", 32),
+            layers_per_block=config.get("layers_per_block", 1),
+            norm_num_groups=config.get("norm_num_groups", 32),
+            scaling_factor=config.get("scaling_factor") or 0.18215,
+            sample_size=config.get("sample_size", 32),
         )
 
 

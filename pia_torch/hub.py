@@ -9,20 +9,31 @@ from pathlib import Path
 from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-WEIGHTS = "diffusion_pytorch_model"
+DIFFUSERS = ("diffusion_pytorch_model", "diffusion_pytorch_model")  # weight file stems: (safetensors, .bin)
+TRANSFORMERS = ("model", "pytorch_model")  # text_encoder/ is a transformers model
+Candidate = tuple[str | None, str, str, str]  # (variant or None, single file, shard index, shard glob)
 
 
-def weight_names(variant: str | None = None, ext: str = "safetensors") -> tuple[str, str]:
-    """(single file, shard index) names of a diffusers model's weights, e.g. for variant "fp16":
-    diffusion_pytorch_model.fp16.safetensors and diffusion_pytorch_model.safetensors.index.fp16.json."""
-    v = f".{variant}" if variant else ""
-    return f"{WEIGHTS}{v}.{ext}", f"{WEIGHTS}.{ext}.index{v}.json"
+def weight_candidates(variant: str | None = None, stems: tuple[str, str] = DIFFUSERS) -> list[Candidate]:
+    """The weight files to look for, best first: safetensors before .bin, and for each the variant before
+    the plain files (as diffusers and transformers do), e.g. ("fp16", diffusion_pytorch_model.fp16.safetensors,
+    diffusion_pytorch_model.safetensors.index.fp16.json, diffusion_pytorch_model.fp16-*-of-*.safetensors)."""
+    candidates = []
+    for stem, ext in zip(stems, ("safetensors", "bin")):
+        for v in dict.fromkeys((variant, None)):
+            dot = f".{v}" if v else ""
+            candidates.append((v, f"{stem}{dot}.{ext}", f"{stem}.{ext}.index{dot}.json", f"{stem}{dot}-*-of-*.{ext}"))
+    return candidates
 
 
-def weight_patterns(variant: str | None = None, ext: str = "safetensors") -> list[str]:
-    """Glob patterns of those files, shards included (diffusion_pytorch_model.fp16-00001-of-00002...)."""
-    v = f".{variant}" if variant else ""
-    return [*weight_names(variant, ext), f"{WEIGHTS}{v}-*-of-*.{ext}"]
+def find_weights(folder: Path, variant: str | None = None, stems: tuple[str, str] = DIFFUSERS) -> Candidate:
+    """The first of weight_candidates present in folder (its single file or its shard index)."""
+    candidates = weight_candidates(variant, stems)
+    for candidate in candidates:
+        if (folder / candidate[1]).is_file() or (folder / candidate[2]).is_file():
+            return candidate
+    tried = ", ".join(name for _, single, index, _ in candidates for name in (single, index))
+    raise FileNotFoundError(f"{folder}: no weights found (looked for {tried})")
 
 
 def is_offline(local_files_only: bool | None = None) -> bool:
@@ -53,22 +64,20 @@ def resolve(repo_id_or_path: str | Path, allow_patterns: list[str], *, cache_dir
 
 
 def fetch(repo_id_or_path: str | Path, subfolder: str = "", *, variant: str | None = None,
-          cache_dir: str | Path | None = None, local_files_only: bool | None = None,
-          revision: str | None = None) -> Path:
-    """Folder of one diffusers model (config.json + weights), fetching only one set of weights: the
-    variant's safetensors if the repo has them, else the plain safetensors, else .bin (variant first)."""
+          stems: tuple[str, str] = DIFFUSERS, cache_dir: str | Path | None = None,
+          local_files_only: bool | None = None, revision: str | None = None) -> Path:
+    """Folder of one model (config.json + weights), fetching only one set of weights: the first of
+    weight_candidates(variant, stems) that the repo has."""
     prefix, folder, error = f"{subfolder}/" if subfolder else "", None, None
-    for ext in ("safetensors", "bin"):
-        for v in dict.fromkeys((variant, None)):
-            patterns = weight_patterns(v, ext)
-            try:
-                folder = resolve(repo_id_or_path, [prefix + p for p in ["config.json", *patterns]],
-                                 cache_dir=cache_dir, local_files_only=local_files_only, revision=revision) / subfolder
-            except FileNotFoundError as e:  # e.g. offline and only another variant is cached: try the next
-                error = e
-                continue
-            if any(any(folder.glob(p)) for p in patterns):
-                return folder
+    for _, single, index, shards in weight_candidates(variant, stems):
+        try:
+            folder = resolve(repo_id_or_path, [prefix + p for p in ("config.json", single, index, shards)],
+                             cache_dir=cache_dir, local_files_only=local_files_only, revision=revision) / subfolder
+        except FileNotFoundError as e:  # e.g. offline and only another variant is cached: try the next
+            error = e
+            continue
+        if (folder / single).is_file() or (folder / index).is_file():
+            return folder
     if folder is None:
         raise error
-    return folder  # no weights: read_state_dict says what it looked for
+    return folder  # no weights: the reader says what it looked for

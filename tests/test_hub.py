@@ -70,10 +70,11 @@ def test_not_found_offline_is_one_clear_line(tmp_path, offline):
 
 
 def test_weight_patterns():
-    assert hub.weight_names("fp16") == ("diffusion_pytorch_model.fp16.safetensors",
-                                        "diffusion_pytorch_model.safetensors.index.fp16.json")
-    assert hub.weight_patterns(None, "bin") == ["diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json",
-                                                "diffusion_pytorch_model-*-of-*.bin"]
+    assert hub.weight_candidates("fp16")[0][1:3] == ("diffusion_pytorch_model.fp16.safetensors",
+                                                     "diffusion_pytorch_model.safetensors.index.fp16.json")
+    assert list(hub.weight_candidates(None)[1][1:]) == ["diffusion_pytorch_model.bin",
+                                                        "diffusion_pytorch_model.bin.index.json",
+                                                        "diffusion_pytorch_model-*-of-*.bin"]
 
 
 def test_fetch_picks_variant_then_plain(tmp_path, checkpoints, offline):

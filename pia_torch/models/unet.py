@@ -129,7 +129,7 @@ class UpBlock(nn.Module):
             hidden = prev_ch if j == 0 else out_ch
             skip = skip_ch if j == config.layers_per_block else out_ch
             self.resnets.append(_resnet(config, hidden + skip, out_ch))
-        cross, heads = config.cross_attention[::-1][i], config.num_attention_heads[::-1][i]
+        cross, heads = config.up_attention[i], config.num_attention_heads[::-1][i]
         self.attentions = nn.ModuleList()
         if cross:
             self.attentions.extend(_spatial(config, out_ch, heads) for j in layers)
