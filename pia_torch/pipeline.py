@@ -1,17 +1,17 @@
 """PIAPipeline: image + prompt -> video, a drop-in for diffusers 0.42.1 `PIAPipeline`.
 
-The pipeline is a thin shell over plain functions you can call yourself (DESIGN.md §1):
+The pipeline is a thin shell over plain functions you can call yourself:
 
     pixels = preprocess_image(image, H, W)                               (n, 3, H, W) in [-1, 1]
     text   = encode_text(text_encoder, tokenize(tokenizer, prompts))     (b, l, d)  [models/text.py]
     cond   = encode_condition(vae, pixels, generator, b)                 (b, 4, h, w) × scaling_factor
     mask, cond = condition_inputs(cond, mask_coefficients(f, motion_scale))   (b, 1|4, f, h, w)
-    denoise = make_denoiser(unet, scheduler, text, mask, cond, guidance_scale)
-    x0 = sample(denoise, x_T, timesteps, scheduler.step)                 [sampling.py, freeinit.py]
+    denoise = make_denoiser(unet, text, mask, cond, guidance_scale)
+    x0 = free_init(run_pass, start, noise, scheduler, steps, strength)   [freeinit.py: passes of sample()]
     video = decode_latents(vae, x0)                                      (b, 3, f, H, W)
 
-Numbers match diffusers (spec/pipeline.md: RNG order and dtypes included) wherever diffusers works.
-Where it does not, pia_torch does what the argument promises (spec/pipeline.md §10): an image whose
+Numbers match diffusers 0.42.1 (diffusers/pipelines/pia/pipeline_pia.py: RNG order and dtypes included)
+wherever diffusers works. Where it does not, pia_torch does what the argument promises: an image whose
 size differs from (height, width) is resized to cover it and center-cropped (diffusers nearest-resizes
 its latent); `num_videos_per_prompt` is honoured; with strength < 1 each video starts from its own
 image; clip_skip works under transformers 5.x and applies to the negative prompt too; FreeInit keeps
@@ -20,7 +20,6 @@ the strength and works with Euler (freeinit.py).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -36,13 +35,16 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from pia_torch import hub
-from pia_torch.freeinit import free_init, pass_steps
-from pia_torch.loading import MotionAdapter, load_unet, load_vae
+from pia_torch.freeinit import free_init
+from pia_torch.loading import MotionAdapter, load_pipeline_components
+from pia_torch.lora import LoraAdapters
+from pia_torch.saving import save_pipeline
+from pia_torch.single_file import load_single_file_components
 from pia_torch.models.text import encode_text, tokenize
 from pia_torch.models.unet import UNet
 from pia_torch.models.vae import AutoencoderKL
-from pia_torch.sampling import DDIMScheduler, EulerDiscreteScheduler, Generator, prepare_timesteps, randn_tensor, sample
+from pia_torch.sampling import GeneratorArg, randn_tensor, sample, step_sigmas
+from pia_torch.schedulers import SchedulerBase
 
 logger = logging.getLogger("pia_torch")
 
@@ -50,7 +52,7 @@ ImageInput = PIL.Image.Image | np.ndarray | Tensor | Sequence[PIL.Image.Image | 
 
 # Inter-frame affinity presets (diffusers' RANGE_list): frame i is conditioned with weight coef[i].
 # 0-2: small / moderate / large motion; 3-5: loops (16 frames); 6-8: style transfer, small to large.
-# (The original PIA repo orders 6 and 8 the other way round; see spec/original_pia.md §3.3.)
+# (The original open-mmlab/PIA code orders rows 6 and 8 the other way round: animatediff/utils/util.py.)
 MOTION_PRESETS: tuple[tuple[float, ...], ...] = (
     (1.0, 0.9, 0.85, 0.85, 0.85, 0.8),
     (1.0, 0.8, 0.8, 0.8, 0.79, 0.78, 0.75),
@@ -119,7 +121,7 @@ def preprocess_image(image: ImageInput, height: int, width: int) -> Tensor:
     return x
 
 
-def encode_condition(vae: AutoencoderKL, pixels: Tensor, generator: Generator, num_videos: int) -> Tensor:
+def encode_condition(vae: AutoencoderKL, pixels: Tensor, generator: GeneratorArg, num_videos: int) -> Tensor:
     """pixels (n, 3, H, W) -> condition latents (b, c, H/s, W/s), a posterior *sample* × scaling_factor.
 
     Image i conditions videos [i·r, (i+1)·r), r = b/n. One generator: one encode and one draw for all n
@@ -148,24 +150,27 @@ def condition_inputs(cond: Tensor, coefficients: Sequence[float]) -> tuple[Tenso
     return mask, cond[:, :, None].expand(-1, -1, len(coefficients), -1, -1).contiguous()
 
 
-def make_denoiser(unet: UNet, scheduler: Any, text: Tensor, mask: Tensor, cond: Tensor,
+def make_denoiser(unet: UNet, text: Tensor, mask: Tensor, cond: Tensor,
                   guidance_scale: float) -> Callable[[Tensor, Tensor], Tensor]:
-    """The model closure for `sampling.sample`: x (b, 4, f, h, w), t -> ε (b, 4, f, h, w).
+    """The model closure for `sampling.sample`: the model input x (b, 4, f, h, w) (already scaled by the
+    loop), t -> the model output (ε, or v / x0 by the UNet's training) (b, 4, f, h, w). Stateless.
 
-    With classifier-free guidance (guidance_scale > 1) text, mask and cond hold 2b rows [uncond, cond];
-    ε = ε_u + g·(ε_c − ε_u). Text states are (b', l, d), shared by every frame of a video. The
+    mask (b, 1, f, h, w) and cond (b, 4, f, h, w) are concatenated to x. With classifier-free guidance
+    (guidance_scale > 1) text holds 2b rows [uncond; cond], the input is run twice and the output is
+    out_u + g·(out_c − out_u). Text states are (b', l, d), shared by every frame of a video. The
     `text` attribute of the returned function may be replaced between steps.
     """
-    cfg = guidance_scale > 1
+    guided = guidance_scale > 1
 
     def denoise(x: Tensor, t: Tensor) -> Tensor:
-        x_in = scheduler.scale_model_input(torch.cat([x] * 2) if cfg else x, t)
-        x_in = torch.cat([x_in, mask, cond], dim=1)                        # (b', 4 + 1 + 4, f, h, w)
-        eps = unet(x_in, t, denoise.text)
-        if cfg:
-            eps_u, eps_c = eps.chunk(2)
-            eps = eps_u + guidance_scale * (eps_c - eps_u)
-        return eps
+        x_in = torch.cat([x, mask, cond], dim=1)                           # (b, 4 + 1 + 4, f, h, w)
+        if guided:
+            x_in = torch.cat([x_in] * 2)                                   # (2b, 9, f, h, w)
+        model_output = unet(x_in, t, denoise.text)
+        if guided:
+            out_u, out_c = model_output.chunk(2)
+            model_output = out_u + guidance_scale * (out_c - out_u)
+        return model_output
 
     denoise.text = text
     return denoise
@@ -226,7 +231,7 @@ class PIAPipeline:
     `text_encoder` (transformers CLIPTextModel), `tokenizer` (CLIPTokenizer) and `scheduler`."""
 
     def __init__(self, vae: AutoencoderKL, text_encoder: nn.Module, tokenizer: Any, unet: UNet,
-                 scheduler: DDIMScheduler | EulerDiscreteScheduler) -> None:
+                 scheduler: SchedulerBase) -> None:
         self.vae, self.text_encoder, self.tokenizer, self.unet, self.scheduler = (
             vae, text_encoder, tokenizer, unet, scheduler)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -234,34 +239,39 @@ class PIAPipeline:
         self._offload_device: torch.device | None = None
         self._checked_scheduler: Any = None
         self._progress = True
+        self._lora = LoraAdapters(unet, text_encoder)
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, repo_id_or_dir: str | Path, motion_adapter: MotionAdapter | None = None,
                         torch_dtype: torch.dtype | None = None, variant: str | None = None,
                         convention: str = "original", cache_dir: str | Path | None = None,
-                        local_files_only: bool | None = None, revision: str | None = None) -> PIAPipeline:
+                        local_files_only: bool | None = None, revision: str | None = None,
+                        vae: str | Path | AutoencoderKL | None = None, conv_in: str = "base") -> PIAPipeline:
         """A diffusers Stable Diffusion 1.5 folder or Hub repo (model_index.json, unet/, vae/, text_encoder/,
         tokenizer/, scheduler/) + a PIA motion adapter. Only those files are fetched. `convention`
-        selects the UNet's GroupNorm convention: "original" (as PIA was trained) or "diffusers"."""
-        from transformers import CLIPTextModel, CLIPTokenizer
+        selects the UNet's GroupNorm convention: "original" (as PIA was trained) or "diffusers". vae: a
+        separate VAE (file, folder or model). conv_in: "base" (diffusers' rule) or "adapter" (the original
+        PIA's on the plain SD1.5 base: all of conv_in from the adapter); see loading.assemble_unet."""
+        return cls(**load_pipeline_components(repo_id_or_dir, motion_adapter, torch_dtype, variant, convention,
+                                              cache_dir=cache_dir, local_files_only=local_files_only,
+                                              revision=revision, vae=vae, conv_in=conv_in))
 
-        where = dict(cache_dir=cache_dir, local_files_only=local_files_only, revision=revision)
-        root = hub.resolve(repo_id_or_dir, ["model_index.json", "scheduler/*.json", "tokenizer/*",
-                                            "text_encoder/*.json"], **where)
-        if motion_adapter is None:
-            if not (root / "motion_adapter" / "config.json").is_file():
-                raise ValueError("PIA needs a motion adapter: pass motion_adapter="
-                                 "MotionAdapter.from_pretrained('openmmlab/PIA-condition-adapter')")
-            motion_adapter = MotionAdapter.from_pretrained(root / "motion_adapter", variant=variant)
-        dtype = torch_dtype or torch.float32
-        unet = load_unet(hub.fetch(repo_id_or_dir, "unet", variant=variant, **where), motion_adapter,
-                         convention=convention, torch_dtype=dtype, variant=variant)
-        vae = load_vae(hub.fetch(repo_id_or_dir, "vae", variant=variant, **where), torch_dtype=dtype, variant=variant)
-        text_dir, text_variant = _fetch_text_encoder(repo_id_or_dir, variant, where)
-        text_encoder = CLIPTextModel.from_pretrained(text_dir, variant=text_variant)
-        tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
-        return cls(vae, text_encoder.to(dtype).eval(), tokenizer, unet, _load_scheduler(root / "scheduler"))
+    @classmethod
+    def from_single_file(cls, path: str | Path, motion_adapter: MotionAdapter, config: str | Path | None = None,
+                         vae: str | Path | AutoencoderKL | None = None, torch_dtype: torch.dtype | None = None,
+                         convention: str = "original", conv_in: str = "base") -> PIAPipeline:
+        """A personalised SD1.5 model as one file in the original LDM layout (civitai-style .safetensors;
+        .ckpt/.pt/.pth only through torch.load(weights_only=True)) + a PIA motion adapter. Configs: SD1.5's,
+        shipped with pia_torch, or `config` (a diffusers folder or Hub id). vae: a separate VAE file or
+        folder. The tokenizer comes from `config`, else from the Hub cache (openai/clip-vit-large-patch14)."""
+        return cls(**load_single_file_components(path, motion_adapter, config, vae, torch_dtype, convention, conv_in))
+
+    def save_pretrained(self, save_directory: str | Path) -> None:
+        """Write a diffusers PIAPipeline folder (saving.save_pipeline) that diffusers 0.42.1 and pia_torch load,
+        e.g. to convert a single file once. The GroupNorm convention is not saved: pass convention= when
+        loading it back."""
+        save_pipeline(self, save_directory)
 
     # ----------------------------------------------------------------------------------- devices
     def to(self, *args: Any, **kwargs: Any) -> PIAPipeline:
@@ -342,6 +352,28 @@ class PIAPipeline:
     def set_progress_bar_config(self, disable: bool = False, **_: Any) -> None:
         self._progress = not disable
 
+    # ----------------------------------------------------------------------------------- LoRA (lora.py)
+    def load_lora_weights(self, path: str | Path | dict[str, Tensor], adapter_name: str | None = None) -> str:
+        """A kohya/A1111 or diffusers/PEFT LoRA (.safetensors, .pt/.bin/.ckpt or a state dict) on the UNet and
+        the text encoder, applied at forward time; it becomes the only active adapter (weight 1). Returns its name."""
+        return self._lora.load(path, adapter_name)
+
+    def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None) -> None:
+        """Activate exactly these adapters with these weights; their updates add up."""
+        self._lora.set_adapters(adapter_names, adapter_weights)
+
+    def fuse_lora(self, lora_scale: float = 1.0) -> None:
+        """Merge the active adapters into the weights: W + lora_scale · Σ w·(α/r)·up @ down, in float32."""
+        self._lora.fuse(lora_scale)
+
+    def unfuse_lora(self) -> None:
+        """Restore the weights from before fuse_lora, bit for bit."""
+        self._lora.unfuse()
+
+    def unload_lora_weights(self) -> None:
+        """Drop every adapter. Fused weights stay fused, as in diffusers (call unfuse_lora first to undo)."""
+        self._lora.unload()
+
     # ----------------------------------------------------------------------------------- steps
     @torch.no_grad()
     def encode_prompt(self, prompt: str | list[str] | None, device: torch.device | None = None,
@@ -390,7 +422,7 @@ class PIAPipeline:
         return self._offload_device or self.device
 
     def _check_scheduler(self) -> None:
-        """Log once per scheduler when its config is known to hurt PIA (docs tip; spec/schedulers.md §3.3)."""
+        """Log once per scheduler when its config is known to hurt PIA (the diffusers PIA docs' tip: linear betas)."""
         if self._checked_scheduler is self.scheduler:
             return
         self._checked_scheduler = self.scheduler
@@ -440,23 +472,17 @@ class PIAPipeline:
             raise ValueError(f"num_frames must be in [1, {max_frames}], got {num_frames}")
         coefficients = mask_coefficients(num_frames, motion_scale)
         self._check_scheduler()
-        device, cfg = self._execution_device, guidance_scale > 1
+        device, do_cfg = self._execution_device, guidance_scale > 1
 
         # 1. text states (b, l, d): one row per video, [negative; positive] with guidance
         text, negative = self.encode_prompt(
-            prompt, device, num_videos_per_prompt, cfg, negative_prompt, prompt_embeds=prompt_embeds,
+            prompt, device, num_videos_per_prompt, do_cfg, negative_prompt, prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip)
         num_videos = text.shape[0]
-        if cfg:
+        if do_cfg:
             text = torch.cat([negative, text])                                  # (2b, l, d)
 
-        # 2. timesteps, then the draws in diffusers' order: x_T, the image posterior, the strength noise
-        # With FreeInit's fast sampling the first pass is shorter: start from its noise level.
-        free_init_on = self._free_init is not None
-        first_pass = pass_steps(num_inference_steps, 0, strength=strength,
-                                num_iters=self._free_init["num_iters"] if free_init_on else 1,
-                                use_fast_sampling=free_init_on and self._free_init["use_fast_sampling"])
-        timesteps = prepare_timesteps(self.scheduler, first_pass, strength, device)
+        # 2. the draws in diffusers' order: x_T, the image posterior, the strength noise
         shape = (num_videos, 4, num_frames, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if isinstance(generator, (list, tuple)) and len(generator) != num_videos:
             raise ValueError(f"got {len(generator)} generators for {num_videos} videos")
@@ -466,7 +492,6 @@ class PIAPipeline:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         else:
             noise = latents.to(device)
-        latents = noise * self.scheduler.init_noise_sigma
         with self._on_device(self.vae):
             pixels = preprocess_image(image, height, width).to(device, next(self.vae.parameters()).dtype)
             if pixels.shape[0] not in (1, num_videos // num_videos_per_prompt, num_videos):
@@ -474,14 +499,17 @@ class PIAPipeline:
             cond = encode_condition(self.vae, pixels, generator, num_videos).to(device, self.dtype)
         mask, cond = condition_inputs(cond, coefficients)                       # (b, 1|4, f, h, w)
         if strength < 1:
-            noise = randn_tensor(shape, generator, device, latents.dtype)
-            latents = self.scheduler.add_noise(cond, noise, timesteps[:1].repeat(num_videos))
-        if cfg:
-            mask, cond = torch.cat([mask] * 2), torch.cat([cond] * 2)
+            noise = randn_tensor(shape, generator, device, noise.dtype)
 
-        # 3. denoise (FreeInit: an outer loop of whole passes)
-        denoise = make_denoiser(self.unet, self.scheduler, text, mask, cond, guidance_scale)
-        step = partial(self.scheduler.step, eta=eta, generator=generator)
+        def start(timesteps: Tensor) -> Tensor:
+            """The first pass's latents at its first timestep (FreeInit's fast sampling shortens that pass)."""
+            if strength == 1:
+                return noise * self.scheduler.init_noise_sigma
+            return self.scheduler.add_noise(cond, noise, timesteps[:1].repeat(num_videos))
+
+        # 3. denoise: FreeInit's passes, or one pass when it is off
+        denoise = make_denoiser(self.unet, text, mask, cond, guidance_scale)
+        step = partial(self.scheduler.step_with_x0, eta=eta, generator=generator)
 
         def on_step(state: dict[str, Any]) -> dict[str, Tensor] | None:
             values = {"latents": state["x"], "prompt_embeds": denoise.text, "negative_prompt_embeds": negative}
@@ -491,14 +519,12 @@ class PIAPipeline:
             return {"x": out["latents"]} if "latents" in out else None
 
         def run_pass(x: Tensor, ts: Tensor) -> Tensor:
-            return sample(denoise, x, ts, step, on_step if callback_on_step_end else None, self._progress)
+            return sample(denoise, x, ts, step, on_step if callback_on_step_end else None, self._progress,
+                          sigmas=step_sigmas(self.scheduler, ts))
 
         with self._on_device(self.unet):
-            if self._free_init is None:
-                latents = run_pass(latents, timesteps)
-            else:
-                latents = free_init(run_pass, latents, noise, self.scheduler, num_inference_steps, strength,
-                                    generator=generator, device=device, **self._free_init)
+            latents = free_init(run_pass, start, noise, self.scheduler, num_inference_steps, strength,
+                                generator=generator, device=device, **(self._free_init or {"num_iters": 1}))
 
         # 4. decode
         if output_type == "latent":
@@ -507,32 +533,3 @@ class PIAPipeline:
             with self._on_device(self.vae):
                 frames = postprocess(decode_latents(self.vae, latents, decode_chunk_size), output_type)
         return PIAPipelineOutput(frames=frames) if return_dict else (frames,)
-
-
-# --------------------------------------------------------------------------------------------- loading helpers
-
-def _fetch_text_encoder(repo: str | Path, variant: str | None, where: dict) -> tuple[Path, str | None]:
-    """text_encoder/ with one set of transformers weights (the variant's first, safetensors first) and
-    the variant it holds (None: the plain files)."""
-    for stem, ext in [("model", "safetensors"), ("pytorch_model", "bin")]:
-        for v in dict.fromkeys((variant, None)):
-            name = f"{stem}.{v}" if v else stem
-            patterns = ["config.json", f"{name}.{ext}", f"{name}-*-of-*.{ext}", f"{stem}.{ext}.index*.json"]
-            try:
-                folder = hub.resolve(repo, [f"text_encoder/{p}" for p in patterns], **where) / "text_encoder"
-            except FileNotFoundError:
-                continue
-            if any(folder.glob(f"{name}.{ext}")) or any(folder.glob(f"{name}-*-of-*.{ext}")):
-                return folder, v
-    raise FileNotFoundError(f"{repo}: no text_encoder weights (model.safetensors or pytorch_model.bin)")
-
-
-def _load_scheduler(folder: Path) -> DDIMScheduler | EulerDiscreteScheduler:
-    """scheduler_config.json -> DDIM or Euler; any other class (e.g. SD1.5's PNDM) -> DDIM, same betas."""
-    config = json.loads((folder / "scheduler_config.json").read_text())
-    name = config.get("_class_name")
-    if name == "EulerDiscreteScheduler":
-        return EulerDiscreteScheduler.from_config(config)
-    if name != "DDIMScheduler":
-        logger.info("scheduler %s is not offered by pia_torch: using DDIMScheduler with the same betas", name)
-    return DDIMScheduler.from_config(config)

@@ -72,7 +72,7 @@ class DownBlock(nn.Module):
         self.downsample = Downsample(out_channels, padding=0) if downsample else None
 
     def forward(self, x: Tensor) -> Tensor:
-        """x (N, c_in, h, w) -> (N, c_out, ceil(h/2), ceil(w/2)), or (N, c_out, h, w) at the last level."""
+        """x (N, c_in, h, w) -> (N, c_out, h//2, w//2) (pad right/bottom, stride 2: floor), or (N, c_out, h, w) at the last level."""
         for resnet in self.resnets:
             x = resnet(x)
         return x if self.downsample is None else self.downsample(x)
@@ -109,7 +109,7 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(ch[-1], 2 * config.latent_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x (N, in_ch, H, W) -> (N, 2·latent_ch, H/s, W/s), s = 2^(levels−1) (ceil at odd sizes)."""
+        """x (N, in_ch, H, W) -> (N, 2·latent_ch, H/s, W/s), s = 2^(levels−1) (floor at odd sizes)."""
         x = self.conv_in(x)
         for block in self.down_blocks:
             x = block(x)
