@@ -37,12 +37,12 @@ from PIL import Image
 
 import pia_torch
 from pia_torch import demo, hub
-from pia_torch.config import MotionConfig, tiny_unet
+from pia_torch.config import PIA_MOTION, MotionConfig, tiny_unet
 from pia_torch.freeinit import METHODS as FREE_INIT_METHODS
 from pia_torch.loading import MotionAdapter, read_config
 from pia_torch.models.text import tokenize
 from pia_torch.pipeline import PIAPipeline
-from pia_torch.sampling import DDIMScheduler, EulerDiscreteScheduler
+from pia_torch.schedulers import SAMPLERS, SchedulerBase
 from pia_torch.utils import atomic_path, export_to_gif, export_to_video, export_to_webp, load_image
 
 BASE = "SG161222/Realistic_Vision_V6.0_B1_noVAE"
@@ -91,8 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="text prompt (required unless --demo)")
     p.add_argument("--negative-prompt", default=None,
                    help="negative prompt (default: the original PIA negative prompt; pass '' for none)")
-    p.add_argument("--base", default=None, help=f"base SD1.5 pipeline: hub id or folder (default {BASE})")
-    p.add_argument("--adapter", default=None, help=f"PIA motion adapter: hub id or folder (default {ADAPTER})")
+    p.add_argument("--base", default=None, help=f"base SD1.5 model: a diffusers folder, a hub id, or one LDM-layout "
+                   f"file (.safetensors; .ckpt/.pt read safely), e.g. a personalised model (default {BASE})")
+    p.add_argument("--adapter", default=None, help="PIA motion adapter: a diffusers folder, a hub id, or the original "
+                   f"pia.ckpt (default {ADAPTER})")
+    p.add_argument("--config", default=None, help="with a single-file --base: the component configs (a diffusers "
+                   "folder or hub id with unet/, vae/, text_encoder/, scheduler/ configs and tokenizer/); default SD1.5's")
+    p.add_argument("--vae", default=None, help="a separate VAE: one file (LDM layout, e.g. vae-ft-mse-840000) or "
+                   "a diffusers folder, replacing the base model's")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="a LoRA file (kohya/A1111, LoCon or diffusers/PEFT) with its weight (default 1.0); "
+                   "repeat for several, their updates add up")
+    p.add_argument("--conv-in", choices=("base", "adapter"), default="base",
+                   help="where conv_in's 4 latent channels and bias come from: the base model (default; diffusers, "
+                   "and the original PIA with a personalised model) or the adapter (the original PIA on plain SD1.5)")
     p.add_argument("--frames", type=int, default=None,
                    help="number of frames (default 16; at most the adapter's motion_max_seq_length, 32 for PIA)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default 25)")
@@ -102,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="motion preset 0..8 (default 0): 0-2 small to large motion, 3-5 loops (made for 16 "
                    "frames), 6-8 style transfer")
     p.add_argument("--strength", type=float, default=1.0, help="noise strength in (0, 1] (default 1.0)")
-    p.add_argument("--scheduler", choices=("ddim", "euler"), default="ddim",
-                   help="ddim (the original PIA DDIM) or euler (same betas) (default ddim)")
+    p.add_argument("--scheduler", choices=tuple(SAMPLERS), default="ddim",
+                   help=f"sampler: {', '.join(SAMPLERS)} (default ddim, the original PIA DDIM; the others take "
+                   "its betas and timestep spacing)")
     p.add_argument("--free-init", choices=FREE_INIT_METHODS, default=None, metavar="METHOD",
                    help=f"enable FreeInit (3 iterations) with this filter: {', '.join(FREE_INIT_METHODS)}")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -164,7 +177,26 @@ def check_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--out must end in {', '.join(WRITERS)}, got {args.out!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda: CUDA is not available on this machine")
+    if args.demo and (args.base or args.adapter or args.vae or args.config):
+        raise CLIError("--demo brings its own tiny weights: drop --base, --adapter, --config and --vae")
+    for path in [args.vae, *(path for path, _ in args.lora)]:
+        if path is not None and not Path(path).exists():
+            raise CLIError(f"not found: {path}")
     check_writable(Path(args.out))
+
+
+def lora_arg(text: str) -> tuple[str, float]:
+    """PATH or PATH:WEIGHT -> (path, weight); a colon that is part of the path stays in it."""
+    path, _, weight = text.rpartition(":")
+    try:
+        return (path, float(weight)) if path else (text, 1.0)
+    except ValueError:
+        return text, 1.0
+
+
+def is_file(name: str) -> bool:
+    """A local single file (not a folder or a hub id)."""
+    return Path(name).expanduser().is_file()
 
 
 def check_writable(out: Path) -> None:
@@ -187,6 +219,8 @@ def adapter_frame_limit(args: argparse.Namespace) -> int:
     """The adapter's motion_max_seq_length, read from its config.json alone (no weights loaded)."""
     if args.demo:
         return tiny_unet().motion.max_seq_length
+    if is_file(args.adapter):
+        return PIA_MOTION.max_seq_length  # pia.ckpt: the PIA adapter's config
     try:
         folder = hub.resolve(args.adapter, ["config.json"])
         return MotionConfig.from_diffusers(read_config(folder, "MotionAdapter")).max_seq_length
@@ -213,9 +247,9 @@ def prepare_image(args: argparse.Namespace) -> Image.Image:
     return image
 
 
-def build_scheduler(name: str) -> DDIMScheduler | EulerDiscreteScheduler:
-    """The original PIA DDIM (or Euler with its betas), independent of the base folder's scheduler."""
-    return (DDIMScheduler if name == "ddim" else EulerDiscreteScheduler).from_config(SCHEDULER_CONFIG)
+def build_scheduler(name: str) -> SchedulerBase:
+    """SAMPLERS[name] built from the original PIA DDIM config, independent of the base folder's scheduler."""
+    return SAMPLERS[name].from_config(SCHEDULER_CONFIG)
 
 
 def load_pipeline(args: argparse.Namespace) -> PIAPipeline:
@@ -225,9 +259,19 @@ def load_pipeline(args: argparse.Namespace) -> PIAPipeline:
         if args.demo:
             pipe = demo.tiny_pipeline(0, convention=args.convention, torch_dtype=dtype)
         else:
-            adapter = MotionAdapter.from_pretrained(args.adapter, torch_dtype=dtype)
-            pipe = PIAPipeline.from_pretrained(args.base, motion_adapter=adapter, torch_dtype=dtype,
-                                               convention=args.convention)
+            adapter = (MotionAdapter.from_single_file if is_file(args.adapter) else MotionAdapter.from_pretrained)(
+                args.adapter, torch_dtype=dtype)
+            options = dict(motion_adapter=adapter, torch_dtype=dtype, convention=args.convention, vae=args.vae,
+                           conv_in=args.conv_in)
+            if is_file(args.base):
+                pipe = PIAPipeline.from_single_file(args.base, config=args.config, **options)
+            else:
+                pipe = PIAPipeline.from_pretrained(args.base, **options)
+        for i, (path, _) in enumerate(args.lora):
+            pipe.load_lora_weights(path, adapter_name=f"lora{i}")
+        if args.lora:  # fused: exact, and no per-step cost
+            pipe.set_adapters([f"lora{i}" for i in range(len(args.lora))], [w for _, w in args.lora])
+            pipe.fuse_lora()
     except (OSError, ValueError) as e:  # not found (offline / unknown id), corrupt file, CheckpointError
         raise CLIError(one_line(e)) from e
     pipe.scheduler = build_scheduler(args.scheduler)
@@ -240,9 +284,9 @@ def load_pipeline(args: argparse.Namespace) -> PIAPipeline:
 def encode_prompts(pipe: PIAPipeline, args: argparse.Namespace, typed_negative: bool) -> tuple:
     """(prompt_embeds, negative_prompt_embeds), as the pipeline would compute them from the texts. Only text
     the user typed may warn about CLIP's 77-token cut: the built-in negative prompt is encoded quietly."""
-    cfg = args.guidance > 1
+    guided = args.guidance > 1
     positive, _ = pipe.encode_prompt(args.prompt, do_classifier_free_guidance=False)
-    if not cfg:
+    if not guided:
         return positive, None
     text_logger = logging.getLogger(tokenize.__module__)
     disabled, text_logger.disabled = text_logger.disabled, not typed_negative
@@ -280,13 +324,22 @@ def model_source(name: str) -> str | dict[str, str]:
     return {"id": name, "revision": snapshot.name}  # snapshots/<commit hash>
 
 
+def file_record(path: str) -> dict[str, str]:
+    return {"path": str(Path(path).resolve()), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+
+
 def sidecar(args: argparse.Namespace, argv: list[str], pipe: PIAPipeline, seed: int) -> dict[str, Any]:
-    image = None
-    if args.image is not None and Path(args.image).is_file():
-        image = {"path": str(Path(args.image).resolve()),
-                 "sha256": hashlib.sha256(Path(args.image).read_bytes()).hexdigest()}
+    """Everything needed to reproduce the video; every local file with its sha256."""
+    def source(name: str) -> str | dict[str, str]:
+        return file_record(name) if is_file(name) else model_source(name)
+
     models = ({"demo": "pia_torch.demo.tiny_pipeline(0) (random weights)"} if args.demo else
-              {"base": model_source(args.base), "adapter": model_source(args.adapter)})
+              {"base": source(args.base), "adapter": source(args.adapter)})
+    if args.vae:
+        models["vae"] = source(args.vae)
+    if args.lora:
+        models["lora"] = [{**file_record(path), "weight": weight} for path, weight in args.lora]
+    image = file_record(args.image) if args.image is not None and is_file(args.image) else None
     return {
         "command": shlex.join(["pia-torch", *argv]),
         "params": dict(vars(args)),
@@ -326,12 +379,13 @@ def run(argv: list[str]) -> int:
         if getattr(args, key) is None:
             setattr(args, key, value)
     typed_negative = args.negative_prompt is not None
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not typed_negative:
         args.negative_prompt = NEGATIVE_PROMPT
+    args.lora = [lora_arg(text) for text in args.lora]
+    check_args(args)
     args.base = args.base or BASE
     args.adapter = args.adapter or ADAPTER
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    check_args(args)
     limit = adapter_frame_limit(args)
     if args.frames > limit:
         raise CLIError(f"--frames must be <= {limit} (the adapter's motion_max_seq_length), got {args.frames}")

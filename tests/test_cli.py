@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from pia_torch import cli
-from pia_torch.sampling import DDIMScheduler, EulerDiscreteScheduler
+from pia_torch.schedulers import DDIMScheduler, EulerDiscreteScheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "sample.py"
