@@ -19,6 +19,16 @@ from pia_torch.pipeline import PIAPipeline, PIAPipelineOutput
 from pia_torch.schedulers import SAMPLERS, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 __all__ = [
-    "SAMPLERS", "AutoencoderKL", "DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
-    "MotionAdapter", "MotionConfig", "PIAPipeline", "PIAPipelineOutput", "UNet", "UNetConfig", "VAEConfig",
+    "SAMPLERS",
+    "AutoencoderKL",
+    "DDIMScheduler",
+    "DPMSolverMultistepScheduler",
+    "EulerDiscreteScheduler",
+    "MotionAdapter",
+    "MotionConfig",
+    "PIAPipeline",
+    "PIAPipelineOutput",
+    "UNet",
+    "UNetConfig",
+    "VAEConfig",
 ]

@@ -49,8 +49,15 @@ BASE = "SG161222/Realistic_Vision_V6.0_B1_noVAE"
 ADAPTER = "openmmlab/PIA-condition-adapter"
 # DDIM as the original base.yaml builds it (open-mmlab/PIA example/config/base.yaml); euler takes the same betas.
 SCHEDULER_CONFIG: dict[str, Any] = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="linear", steps_offset=1,
-    clip_sample=False, set_alpha_to_one=True, timestep_spacing="leading", prediction_type="epsilon",
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="linear",
+    steps_offset=1,
+    clip_sample=False,
+    set_alpha_to_one=True,
+    timestep_spacing="leading",
+    prediction_type="epsilon",
 )
 # The original's DEFAULT_N_PROMPT (open-mmlab/PIA inference.py), used when no negative prompt is given.
 NEGATIVE_PROMPT = (
@@ -80,7 +87,8 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
-        prog="pia-torch", description="Animate an image with PIA (Personalized Image Animator).",
+        prog="pia-torch",
+        description="Animate an image with PIA (Personalized Image Animator).",
         epilog="--demo runs offline in seconds on tiny random weights (pia_torch.demo.tiny_pipeline) and the "
         "bundled 64x64 example image (unless --image is given; a given image is resized to the demo's 64-pixel "
         "working size unless --height/--width are given): the video is noise, a smoke test of the whole path. "
@@ -89,52 +97,121 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--image", help="input image: a path or an http(s) URL (required unless --demo)")
     p.add_argument("--prompt", help="text prompt (required unless --demo)")
-    p.add_argument("--negative-prompt", default=None,
-                   help="negative prompt (default: the original PIA negative prompt; pass '' for none)")
-    p.add_argument("--base", default=None, help=f"base SD1.5 model: a diffusers folder, a hub id, or one LDM-layout "
-                   f"file (.safetensors; .ckpt/.pt read safely), e.g. a personalised model (default {BASE})")
-    p.add_argument("--adapter", default=None, help="PIA motion adapter: a diffusers folder, a hub id, or the original "
-                   f"pia.ckpt (default {ADAPTER})")
-    p.add_argument("--config", default=None, help="with a single-file --base: the component configs (a diffusers "
-                   "folder or hub id with unet/, vae/, text_encoder/, scheduler/ configs and tokenizer/); default SD1.5's")
-    p.add_argument("--vae", default=None, help="a separate VAE: one file (LDM layout, e.g. vae-ft-mse-840000) or "
-                   "a diffusers folder, replacing the base model's")
-    p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
-                   help="a LoRA file (kohya/A1111, LoCon or diffusers/PEFT) with its weight (default 1.0); "
-                   "repeat for several, their updates add up")
-    p.add_argument("--conv-in", choices=("base", "adapter"), default="base",
-                   help="where conv_in's 4 latent channels and bias come from: the base model (default; diffusers, "
-                   "and the original PIA with a personalised model) or the adapter (the original PIA on plain SD1.5)")
-    p.add_argument("--frames", type=int, default=None,
-                   help="number of frames (default 16; at most the adapter's motion_max_seq_length, 32 for PIA)")
+    p.add_argument(
+        "--negative-prompt",
+        default=None,
+        help="negative prompt (default: the original PIA negative prompt; pass '' for none)",
+    )
+    p.add_argument(
+        "--base",
+        default=None,
+        help=f"base SD1.5 model: a diffusers folder, a hub id, or one LDM-layout "
+        f"file (.safetensors; .ckpt/.pt read safely), e.g. a personalised model (default {BASE})",
+    )
+    p.add_argument(
+        "--adapter",
+        default=None,
+        help=f"PIA motion adapter: a diffusers folder, a hub id, or the original pia.ckpt (default {ADAPTER})",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="with a single-file --base: the component configs (a diffusers "
+        "folder or hub id with unet/, vae/, text_encoder/, scheduler/ configs and tokenizer/); default SD1.5's",
+    )
+    p.add_argument(
+        "--vae",
+        default=None,
+        help="a separate VAE: one file (LDM layout, e.g. vae-ft-mse-840000) or "
+        "a diffusers folder, replacing the base model's",
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:WEIGHT]",
+        help="a LoRA file (kohya/A1111, LoCon or diffusers/PEFT) with its weight (default 1.0); "
+        "repeat for several, their updates add up",
+    )
+    p.add_argument(
+        "--conv-in",
+        choices=("base", "adapter"),
+        default="base",
+        help="where conv_in's 4 latent channels and bias come from: the base model (default; diffusers, "
+        "and the original PIA with a personalised model) or the adapter (the original PIA on plain SD1.5)",
+    )
+    p.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help="number of frames (default 16; at most the adapter's motion_max_seq_length, 32 for PIA)",
+    )
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default 25)")
-    p.add_argument("--guidance", type=float, default=7.5,
-                   help="classifier-free guidance scale >= 0 (default 7.5; <= 1 turns guidance off)")
-    p.add_argument("--motion-scale", type=int, default=0,
-                   help="motion preset 0..8 (default 0): 0-2 small to large motion, 3-5 loops (made for 16 "
-                   "frames), 6-8 style transfer")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=7.5,
+        help="classifier-free guidance scale >= 0 (default 7.5; <= 1 turns guidance off)",
+    )
+    p.add_argument(
+        "--motion-scale",
+        type=int,
+        default=0,
+        help="motion preset 0..8 (default 0): 0-2 small to large motion, 3-5 loops (made for 16 "
+        "frames), 6-8 style transfer",
+    )
     p.add_argument("--strength", type=float, default=1.0, help="noise strength in (0, 1] (default 1.0)")
-    p.add_argument("--scheduler", choices=tuple(SAMPLERS), default="ddim",
-                   help=f"sampler: {', '.join(SAMPLERS)} (default ddim, the original PIA DDIM; the others take "
-                   "its betas and timestep spacing)")
-    p.add_argument("--free-init", choices=FREE_INIT_METHODS, default=None, metavar="METHOD",
-                   help=f"enable FreeInit (3 iterations) with this filter: {', '.join(FREE_INIT_METHODS)}")
+    p.add_argument(
+        "--scheduler",
+        choices=tuple(SAMPLERS),
+        default="ddim",
+        help=f"sampler: {', '.join(SAMPLERS)} (default ddim, the original PIA DDIM; the others take "
+        "its betas and timestep spacing)",
+    )
+    p.add_argument(
+        "--free-init",
+        choices=FREE_INIT_METHODS,
+        default=None,
+        metavar="METHOD",
+        help=f"enable FreeInit (3 iterations) with this filter: {', '.join(FREE_INIT_METHODS)}",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--num-videos", type=int, default=1, metavar="N",
-                   help="make N videos with seeds SEED, SEED+1, ... (default 1); video k is written as "
-                   "OUT-stem-<seed>.ext, each with its sidecar, and equals the run with --seed <seed>")
-    p.add_argument("--height", type=int, default=None, help="video height, a multiple of 8; with --width (default: "
-                   "from the image; an explicit size resizes the image to cover it and center-crops)")
+    p.add_argument(
+        "--num-videos",
+        type=int,
+        default=1,
+        metavar="N",
+        help="make N videos with seeds SEED, SEED+1, ... (default 1); video k is written as "
+        "OUT-stem-<seed>.ext, each with its sidecar, and equals the run with --seed <seed>",
+    )
+    p.add_argument(
+        "--height",
+        type=int,
+        default=None,
+        help="video height, a multiple of 8; with --width (default: "
+        "from the image; an explicit size resizes the image to cover it and center-crops)",
+    )
     p.add_argument("--width", type=int, default=None, help="video width, a multiple of 8; with --height")
     p.add_argument("--fps", type=int, default=8, help="frames per second of the written video (default 8)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weights and compute dtype (default fp32)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice, usually the number of cores)")
-    p.add_argument("--convention", choices=("original", "diffusers"), default="original",
-                   help="UNet normalisation: as PIA was trained (original, default) or as diffusers 0.42.1")
-    p.add_argument("--out", default="video.gif", help="output .gif, .mp4 or .webp (default video.gif); "
-                   "the sidecar goes next to it with a .json extension")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice, usually the number of cores)",
+    )
+    p.add_argument(
+        "--convention",
+        choices=("original", "diffusers"),
+        default="original",
+        help="UNet normalisation: as PIA was trained (original, default) or as diffusers 0.42.1",
+    )
+    p.add_argument(
+        "--out",
+        default="video.gif",
+        help="output .gif, .mp4 or .webp (default video.gif); the sidecar goes next to it with a .json extension",
+    )
     p.add_argument("--demo", action="store_true", help="offline smoke run on tiny random weights (output is noise)")
     return p
 
@@ -260,9 +337,15 @@ def load_pipeline(args: argparse.Namespace) -> PIAPipeline:
             pipe = demo.tiny_pipeline(0, convention=args.convention, torch_dtype=dtype)
         else:
             adapter = (MotionAdapter.from_single_file if is_file(args.adapter) else MotionAdapter.from_pretrained)(
-                args.adapter, torch_dtype=dtype)
-            options = dict(motion_adapter=adapter, torch_dtype=dtype, convention=args.convention, vae=args.vae,
-                           conv_in=args.conv_in)
+                args.adapter, torch_dtype=dtype
+            )
+            options = dict(
+                motion_adapter=adapter,
+                torch_dtype=dtype,
+                convention=args.convention,
+                vae=args.vae,
+                conv_in=args.conv_in,
+            )
             if is_file(args.base):
                 pipe = PIAPipeline.from_single_file(args.base, config=args.config, **options)
             else:
@@ -309,8 +392,12 @@ def versions() -> dict[str, str]:
         version = getattr(pia_torch, "__version__", None) or metadata.version("pia_torch")
     except metadata.PackageNotFoundError:  # a checkout that is not installed
         version = "unknown"
-    return {"pia_torch": version, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+    return {
+        "pia_torch": version,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def model_source(name: str) -> str | dict[str, str]:
@@ -330,11 +417,15 @@ def file_record(path: str) -> dict[str, str]:
 
 def sidecar(args: argparse.Namespace, argv: list[str], pipe: PIAPipeline, seed: int) -> dict[str, Any]:
     """Everything needed to reproduce the video; every local file with its sha256."""
+
     def source(name: str) -> str | dict[str, str]:
         return file_record(name) if is_file(name) else model_source(name)
 
-    models = ({"demo": "pia_torch.demo.tiny_pipeline(0) (random weights)"} if args.demo else
-              {"base": source(args.base), "adapter": source(args.adapter)})
+    models = (
+        {"demo": "pia_torch.demo.tiny_pipeline(0) (random weights)"}
+        if args.demo
+        else {"base": source(args.base), "adapter": source(args.adapter)}
+    )
     if args.vae:
         models["vae"] = source(args.vae)
     if args.lora:
@@ -390,8 +481,11 @@ def run(argv: list[str]) -> int:
     if args.frames > limit:
         raise CLIError(f"--frames must be <= {limit} (the adapter's motion_max_seq_length), got {args.frames}")
     if args.motion_scale in LOOP_PRESETS and args.frames != LOOP_FRAMES:
-        print(f"warning: --motion-scale {args.motion_scale} is a loop preset made for {LOOP_FRAMES} frames; with "
-              f"{args.frames} frames the video does not close a loop", file=sys.stderr)
+        print(
+            f"warning: --motion-scale {args.motion_scale} is a loop preset made for {LOOP_FRAMES} frames; with "
+            f"{args.frames} frames the video does not close a loop",
+            file=sys.stderr,
+        )
     image = prepare_image(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -407,10 +501,20 @@ def run(argv: list[str]) -> int:
         torch.manual_seed(seed)  # the original seeds the global RNG too (its strength < 1 noise uses it)
         generator = torch.Generator("cpu").manual_seed(seed)
         try:
-            frames = pipe(image, prompt_embeds=text, negative_prompt_embeds=negative, num_frames=args.frames,
-                          height=args.height, width=args.width, num_inference_steps=args.steps,
-                          guidance_scale=args.guidance, motion_scale=args.motion_scale, strength=args.strength,
-                          generator=generator, output_type="np").frames[0]
+            frames = pipe(
+                image,
+                prompt_embeds=text,
+                negative_prompt_embeds=negative,
+                num_frames=args.frames,
+                height=args.height,
+                width=args.width,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                motion_scale=args.motion_scale,
+                strength=args.strength,
+                generator=generator,
+                output_type="np",
+            ).frames[0]
         except ValueError as e:  # the pipeline's own input checks
             raise CLIError(one_line(e)) from e
         write(frames, out, sidecar(args, argv, pipe, seed), args.fps)

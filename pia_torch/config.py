@@ -80,7 +80,9 @@ class MotionConfig:
         return cls(
             block_out_channels=boc,
             layers_per_block=_per_level(config.get(key["layers"], 2), n, key["layers"]),
-            num_attention_heads=_per_level(config.get("motion_num_attention_heads", 8), n, "motion_num_attention_heads"),
+            num_attention_heads=_per_level(
+                config.get("motion_num_attention_heads", 8), n, "motion_num_attention_heads"
+            ),
             transformer_layers_per_block=_per_level(config.get(key["depth"], 1), n, key["depth"]),
             max_seq_length=config.get("motion_max_seq_length", 32),
             use_mid_block=config.get("use_motion_mid_block", True),
@@ -94,12 +96,20 @@ class MotionConfig:
 # The keys that MotionAdapter and UNetMotionModel name differently in config.json, with the same diffusers
 # defaults (diffusers/models/unets/unet_motion_model.py); the other motion keys have one name in both.
 _MOTION_KEYS = {
-    "MotionAdapter": {"layers": "motion_layers_per_block", "depth": "motion_transformer_layers_per_block",
-                      "mid_layers": "motion_mid_block_layers_per_block",
-                      "mid_depth": "motion_transformer_layers_per_mid_block", "groups": "motion_norm_num_groups"},
-    "UNetMotionModel": {"layers": "layers_per_block", "depth": "temporal_transformer_layers_per_block",
-                        "mid_layers": "mid_block_layers", "mid_depth": "temporal_transformer_layers_per_mid_block",
-                        "groups": "norm_num_groups"},
+    "MotionAdapter": {
+        "layers": "motion_layers_per_block",
+        "depth": "motion_transformer_layers_per_block",
+        "mid_layers": "motion_mid_block_layers_per_block",
+        "mid_depth": "motion_transformer_layers_per_mid_block",
+        "groups": "motion_norm_num_groups",
+    },
+    "UNetMotionModel": {
+        "layers": "layers_per_block",
+        "depth": "temporal_transformer_layers_per_block",
+        "mid_layers": "mid_block_layers",
+        "mid_depth": "temporal_transformer_layers_per_mid_block",
+        "groups": "norm_num_groups",
+    },
 }
 
 
@@ -162,8 +172,11 @@ class UNetConfig:
         if name not in (None, "UNet2DConditionModel", "UNetMotionModel"):
             raise ValueError(f"unsupported UNet class {name!r}")
         is_motion = name == "UNetMotionModel" or any("Motion" in t for t in config.get("down_block_types", ()))
-        down_cross, up_cross = ("CrossAttnDownBlockMotion", "CrossAttnUpBlockMotion") if is_motion else (
-            "CrossAttnDownBlock2D", "CrossAttnUpBlock2D")
+        down_cross, up_cross = (
+            ("CrossAttnDownBlockMotion", "CrossAttnUpBlockMotion")
+            if is_motion
+            else ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D")
+        )
         down_plain, up_plain = ("DownBlockMotion", "UpBlockMotion") if is_motion else ("DownBlock2D", "UpBlock2D")
         down = tuple(config.get("down_block_types", (down_cross,) * 3 + (down_plain,)))
         up = tuple(config.get("up_block_types", (up_plain,) + (up_cross,) * 3))
@@ -200,12 +213,23 @@ class UNetConfig:
             ("attention_type", "default", ("default",)),
             ("class_embeddings_concat", False, (False,)),
             ("reverse_temporal_transformer_layers_per_block", None, (None, 1)),
-        ] + [(k, None, (None,)) for k in (
-            "class_embed_type", "addition_embed_type", "encoder_hid_dim", "encoder_hid_dim_type",
-            "num_class_embeds", "time_cond_proj_dim", "time_embedding_dim", "time_embedding_act_fn",
-            "timestep_post_act", "cross_attention_norm", "addition_time_embed_dim",
-            "projection_class_embeddings_input_dim",
-        )]:
+        ] + [
+            (k, None, (None,))
+            for k in (
+                "class_embed_type",
+                "addition_embed_type",
+                "encoder_hid_dim",
+                "encoder_hid_dim_type",
+                "num_class_embeds",
+                "time_cond_proj_dim",
+                "time_embedding_dim",
+                "time_embedding_act_fn",
+                "timestep_post_act",
+                "cross_attention_norm",
+                "addition_time_embed_dim",
+                "projection_class_embeddings_input_dim",
+            )
+        ]:
             _require(config, key, default, allowed)
         if config.get("norm_num_groups", 32) is None:
             raise ValueError("norm_num_groups=None (no conv_norm_out) is not supported")
@@ -288,38 +312,74 @@ class VAEConfig:
 
 
 SD15_UNET = UNetConfig(
-    in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
-    cross_attention=(True, True, True, False), layers_per_block=2, cross_attention_dim=768,
-    num_attention_heads=(8, 8, 8, 8), norm_num_groups=32, norm_eps=1e-5, sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280, 1280),
+    cross_attention=(True, True, True, False),
+    layers_per_block=2,
+    cross_attention_dim=768,
+    num_attention_heads=(8, 8, 8, 8),
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    sample_size=64,
 )
 PIA_MOTION = MotionConfig(
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=(2, 2, 2, 2), num_attention_heads=(8, 8, 8, 8),
-    transformer_layers_per_block=(1, 1, 1, 1), max_seq_length=32, use_mid_block=False, norm_num_groups=32,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=(2, 2, 2, 2),
+    num_attention_heads=(8, 8, 8, 8),
+    transformer_layers_per_block=(1, 1, 1, 1),
+    max_seq_length=32,
+    use_mid_block=False,
+    norm_num_groups=32,
     conv_in_channels=9,
 )
 PIA_UNET = replace(SD15_UNET, in_channels=9, motion=PIA_MOTION)
 SD_VAE = VAEConfig(
-    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2, norm_num_groups=32, scaling_factor=0.18215, sample_size=512,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    norm_num_groups=32,
+    scaling_factor=0.18215,
+    sample_size=512,
 )
 
 
 def tiny_unet() -> UNetConfig:
     """A PIA-shaped UNet small enough for tests and the offline demo (16/32 channels, 16x16 latents)."""
     motion = MotionConfig(
-        block_out_channels=(16, 32), layers_per_block=(1, 1), num_attention_heads=(2, 2),
-        transformer_layers_per_block=(1, 1), use_mid_block=False, norm_num_groups=8, conv_in_channels=9,
+        block_out_channels=(16, 32),
+        layers_per_block=(1, 1),
+        num_attention_heads=(2, 2),
+        transformer_layers_per_block=(1, 1),
+        use_mid_block=False,
+        norm_num_groups=8,
+        conv_in_channels=9,
     )
     return UNetConfig(
-        in_channels=9, out_channels=4, block_out_channels=(16, 32), cross_attention=(True, False),
-        layers_per_block=1, cross_attention_dim=32, num_attention_heads=(2, 2), norm_num_groups=8,
-        norm_eps=1e-5, sample_size=16, motion=motion,
+        in_channels=9,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        cross_attention=(True, False),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        num_attention_heads=(2, 2),
+        norm_num_groups=8,
+        norm_eps=1e-5,
+        sample_size=16,
+        motion=motion,
     )
 
 
 def tiny_vae() -> VAEConfig:
     """A 2-level VAE (scale factor 2) for tests and the offline demo."""
     return VAEConfig(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-        layers_per_block=1, norm_num_groups=8, sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=32,
     )

@@ -23,12 +23,19 @@ from pia_torch.schedulers import DDIMScheduler
 ASSETS = Path(__file__).parent / "assets"
 
 # The original PIA scheduler (open-mmlab/PIA example/config/base.yaml: DDIM, linear betas, steps_offset 1).
-PIA_DDIM = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="linear",
-                steps_offset=1, clip_sample=False)
+PIA_DDIM = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="linear",
+    steps_offset=1,
+    clip_sample=False,
+)
 
 
-def tiny_pipeline(seed: int = 0, *, convention: str = "original",
-                  torch_dtype: torch.dtype = torch.float32) -> PIAPipeline:
+def tiny_pipeline(
+    seed: int = 0, *, convention: str = "original", torch_dtype: torch.dtype = torch.float32
+) -> PIAPipeline:
     """A complete PIAPipeline on tiny random weights (seeded; the global RNG is left untouched).
 
     Default output size: unet sample_size 16 × VAE factor 2 = 32×32 pixels.
@@ -40,11 +47,19 @@ def tiny_pipeline(seed: int = 0, *, convention: str = "original",
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet, vae = UNet(unet_config), AutoencoderKL(tiny_vae())
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=unet_config.cross_attention_dim, intermediate_size=64,
-            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id))
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=unet_config.cross_attention_dim,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=tokenizer.model_max_length,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
         for module in (unet, vae):  # no zero-initialised layer: every block contributes
             for p in module.parameters():
                 if not p.detach().any():

@@ -17,8 +17,14 @@ from pia_torch.schedulers import SchedulerBase
 METHODS = ("butterworth", "gaussian", "ideal", "box")
 
 
-def low_pass_filter(shape: Sequence[int], method: str = "butterworth", *, order: int = 4,
-                    spatial_stop_frequency: float = 0.25, temporal_stop_frequency: float = 0.25) -> Tensor:
+def low_pass_filter(
+    shape: Sequence[int],
+    method: str = "butterworth",
+    *,
+    order: int = 4,
+    spatial_stop_frequency: float = 0.25,
+    temporal_stop_frequency: float = 0.25,
+) -> Tensor:
     """Low-pass filter over the last three axes (f, h, w) of `shape`, float32 (f, h, w), laid out like an
     fftshift-ed spectrum (index n//2 is frequency 0); it broadcasts against (b, c, f, h, w).
 
@@ -50,7 +56,7 @@ def low_pass_filter(shape: Sequence[int], method: str = "butterworth", *, order:
     if method == "box":
         mask = (nu_f.abs() <= d_t) & (nu_h.abs() <= d_s) & (nu_w.abs() <= d_s)
         return mask.float()
-    d2 = (d_s / d_t * nu_f) ** 2 + nu_h**2 + nu_w**2                       # (f, h, w)
+    d2 = (d_s / d_t * nu_f) ** 2 + nu_h**2 + nu_w**2  # (f, h, w)
     if method == "butterworth":
         mask = 1 / (1 + (d2 / d_s**2) ** order)
     elif method == "gaussian":
@@ -75,8 +81,9 @@ def fast_sampling_steps(num_inference_steps: int, num_iters: int, i: int) -> int
     return max(1, int(num_inference_steps / num_iters * (i + 1)))
 
 
-def pass_steps(num_inference_steps: int, i: int, *, num_iters: int = 3, use_fast_sampling: bool = False,
-               strength: float = 1.0) -> int:
+def pass_steps(
+    num_inference_steps: int, i: int, *, num_iters: int = 3, use_fast_sampling: bool = False, strength: float = 1.0
+) -> int:
     """The schedule length (before the strength cut) of FreeInit pass i: N, or the fast-sampling count,
     raised where needed so that strength still keeps at least one step (int(n·strength) ≥ 1)."""
     n = fast_sampling_steps(num_inference_steps, num_iters, i) if use_fast_sampling else num_inference_steps
@@ -95,11 +102,23 @@ def vp_level(scheduler: SchedulerBase, t: Tensor) -> tuple[Tensor, Tensor]:
     return 1 / (sigmas[0] ** 2 + 1), (sigmas[0] ** 2 + 1) ** 0.5
 
 
-def free_init(run_pass: Callable[[Tensor, Tensor], Tensor], start: Callable[[Tensor], Tensor], noise: Tensor,
-              scheduler: SchedulerBase, num_inference_steps: int, strength: float = 1.0, *, num_iters: int = 3,
-              use_fast_sampling: bool = False, method: str = "butterworth", order: int = 4,
-              spatial_stop_frequency: float = 0.25, temporal_stop_frequency: float = 0.25,
-              generator: GeneratorArg = None, device: torch.device | str | None = None) -> Tensor:
+def free_init(
+    run_pass: Callable[[Tensor, Tensor], Tensor],
+    start: Callable[[Tensor], Tensor],
+    noise: Tensor,
+    scheduler: SchedulerBase,
+    num_inference_steps: int,
+    strength: float = 1.0,
+    *,
+    num_iters: int = 3,
+    use_fast_sampling: bool = False,
+    method: str = "butterworth",
+    order: int = 4,
+    spatial_stop_frequency: float = 0.25,
+    temporal_stop_frequency: float = 0.25,
+    generator: GeneratorArg = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
     """The whole denoising: `num_iters` sampling passes, each after the first restarting from
     re-initialised noise (num_iters = 1 is a plain run).
 
@@ -126,11 +145,17 @@ def free_init(run_pass: Callable[[Tensor, Tensor], Tensor], start: Callable[[Ten
     T = scheduler.num_train_timesteps
     lpf = None
     if num_iters > 1:
-        lpf = low_pass_filter(noise.shape, method, order=order, spatial_stop_frequency=spatial_stop_frequency,
-                              temporal_stop_frequency=temporal_stop_frequency).to(noise.device)
+        lpf = low_pass_filter(
+            noise.shape,
+            method,
+            order=order,
+            spatial_stop_frequency=spatial_stop_frequency,
+            temporal_stop_frequency=temporal_stop_frequency,
+        ).to(noise.device)
     for i in range(num_iters):
-        steps = pass_steps(num_inference_steps, i, num_iters=num_iters, use_fast_sampling=use_fast_sampling,
-                           strength=strength)
+        steps = pass_steps(
+            num_inference_steps, i, num_iters=num_iters, use_fast_sampling=use_fast_sampling, strength=strength
+        )
         timesteps = prepare_timesteps(scheduler, steps, strength, device)
         if i == 0:
             latents = start(timesteps)

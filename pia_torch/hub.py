@@ -42,8 +42,14 @@ def is_offline(local_files_only: bool | None = None) -> bool:
     return bool(local_files_only) or env or constants.HF_HUB_OFFLINE
 
 
-def resolve(repo_id_or_path: str | Path, allow_patterns: list[str], *, cache_dir: str | Path | None = None,
-            local_files_only: bool | None = None, revision: str | None = None) -> Path:
+def resolve(
+    repo_id_or_path: str | Path,
+    allow_patterns: list[str],
+    *,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool | None = None,
+    revision: str | None = None,
+) -> Path:
     """A local folder as is; otherwise the snapshot folder of a Hub repo holding (at least) the files that
     match allow_patterns. Offline (or when the Hub cannot be reached) only the cache is used."""
     path = Path(repo_id_or_path).expanduser()
@@ -55,24 +61,48 @@ def resolve(repo_id_or_path: str | Path, allow_patterns: list[str], *, cache_dir
     cache_dir = cache_dir or os.environ.get("HF_HUB_CACHE") or None
     try:
         # Online, snapshot_download itself falls back to the cache on a connection error.
-        return Path(snapshot_download(name, allow_patterns=list(allow_patterns), cache_dir=cache_dir,
-                                      revision=revision, local_files_only=is_offline(local_files_only)))
+        return Path(
+            snapshot_download(
+                name,
+                allow_patterns=list(allow_patterns),
+                cache_dir=cache_dir,
+                revision=revision,
+                local_files_only=is_offline(local_files_only),
+            )
+        )
     except LocalEntryNotFoundError as e:
         cache = cache_dir or constants.HF_HUB_CACHE
-        raise FileNotFoundError(f"{name}: weights not found offline (no complete copy in the Hugging Face cache "
-                                f"{cache}); download them once with network access or pass a local folder") from e
+        raise FileNotFoundError(
+            f"{name}: weights not found offline (no complete copy in the Hugging Face cache "
+            f"{cache}); download them once with network access or pass a local folder"
+        ) from e
 
 
-def fetch(repo_id_or_path: str | Path, subfolder: str = "", *, variant: str | None = None,
-          stems: tuple[str, str] = DIFFUSERS, cache_dir: str | Path | None = None,
-          local_files_only: bool | None = None, revision: str | None = None) -> Path:
+def fetch(
+    repo_id_or_path: str | Path,
+    subfolder: str = "",
+    *,
+    variant: str | None = None,
+    stems: tuple[str, str] = DIFFUSERS,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool | None = None,
+    revision: str | None = None,
+) -> Path:
     """Folder of one model (config.json + weights), fetching only one set of weights: the first of
     weight_candidates(variant, stems) that the repo has."""
     prefix, folder, error = f"{subfolder}/" if subfolder else "", None, None
     for _, single, index, shards in weight_candidates(variant, stems):
         try:
-            folder = resolve(repo_id_or_path, [prefix + p for p in ("config.json", single, index, shards)],
-                             cache_dir=cache_dir, local_files_only=local_files_only, revision=revision) / subfolder
+            folder = (
+                resolve(
+                    repo_id_or_path,
+                    [prefix + p for p in ("config.json", single, index, shards)],
+                    cache_dir=cache_dir,
+                    local_files_only=local_files_only,
+                    revision=revision,
+                )
+                / subfolder
+            )
         except FileNotFoundError as e:  # e.g. offline and only another variant is cached: try the next
             error = e
             continue

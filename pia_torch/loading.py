@@ -41,17 +41,22 @@ class CheckpointError(ValueError):
     """A checkpoint that does not fit its model. One error lists every missing, unexpected and
     mis-shaped (or wrongly valued) key; also raised for an unreadable file."""
 
-    def __init__(self, message: str, missing: Iterable[str] = (), unexpected: Iterable[str] = (),
-                 mismatched: Iterable[str] = ()):
+    def __init__(
+        self, message: str, missing: Iterable[str] = (), unexpected: Iterable[str] = (), mismatched: Iterable[str] = ()
+    ):
         self.missing, self.unexpected, self.mismatched = sorted(missing), sorted(unexpected), list(mismatched)
-        for title, items in [("missing", self.missing), ("unexpected", self.unexpected),
-                             ("mis-shaped or wrong", self.mismatched)]:
+        for title, items in [
+            ("missing", self.missing),
+            ("unexpected", self.unexpected),
+            ("mis-shaped or wrong", self.mismatched),
+        ]:
             if items:
                 message += f"\n  {len(items)} {title}:" + "".join(f"\n    {item}" for item in items)
         super().__init__(message)
 
 
 # --------------------------------------------------------------------------------------------- files
+
 
 def read_config(folder: str | Path, *class_names: str) -> dict:
     """`folder/config.json`; its `_class_name`, when present, must be one of class_names."""
@@ -76,9 +81,11 @@ def read_file(path: Path) -> StateDict:
         if "Unsupported global" not in str(e):  # not a pickle at all, or a damaged one
             raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from e
         # weights_only met a class or function it will not build
-        raise CheckpointError(f"{path}: refused, it needs Python code to load (a pickle with objects, not only "
-                              "tensors), and running it could run anything; nothing in it was executed. Convert it "
-                              "to .safetensors with a tool you trust and load that") from e
+        raise CheckpointError(
+            f"{path}: refused, it needs Python code to load (a pickle with objects, not only "
+            "tensors), and running it could run anything; nothing in it was executed. Convert it "
+            "to .safetensors with a tool you trust and load that"
+        ) from e
     except Exception as e:  # truncated, corrupt, or not a tensor file at all
         raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from e
     while isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):  # Lightning / LDM training checkpoints
@@ -97,12 +104,14 @@ def read_state_dict(folder: str | Path, variant: str | None = None) -> StateDict
         logger.info("%s: no %r variant, reading %s", folder, variant, files[0])
     sd = {k: t for name in files for k, t in read_file(folder / name).items()}
     if weight_map is not None and weight_map.keys() - sd.keys():
-        raise CheckpointError(f"{folder / index}: shards lack keys listed in the index",
-                              missing=weight_map.keys() - sd.keys())
+        raise CheckpointError(
+            f"{folder / index}: shards lack keys listed in the index", missing=weight_map.keys() - sd.keys()
+        )
     return sd
 
 
 # --------------------------------------------------------------------------------------------- names
+
 
 @cache
 def load_table(name: str = "diffusers") -> dict:
@@ -163,9 +172,18 @@ def check_frame_tables(ignored: StateDict, sd: StateDict, motion: MotionConfig |
 
 # --------------------------------------------------------------------------------------------- models
 
-def build(model_cls: type[nn.Module], config, sd: StateDict, *, torch_dtype: torch.dtype | None = None,
-          device: torch.device | str | None = None, source: str = "checkpoint", unexpected: Iterable[str] = (),
-          wrong: Iterable[str] = ()) -> nn.Module:
+
+def build(
+    model_cls: type[nn.Module],
+    config,
+    sd: StateDict,
+    *,
+    torch_dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    source: str = "checkpoint",
+    unexpected: Iterable[str] = (),
+    wrong: Iterable[str] = (),
+) -> nn.Module:
     """model_cls(config) filled with sd (pia_torch names): strict, shapes checked, one error for all problems.
     Floating tensors are cast to torch_dtype (float32 by default, like diffusers) and moved to device."""
     with torch.device("meta"):
@@ -173,8 +191,14 @@ def build(model_cls: type[nn.Module], config, sd: StateDict, *, torch_dtype: tor
     expected = model.state_dict()
     missing = expected.keys() - sd.keys()
     unexpected = [*unexpected, *(sd.keys() - expected.keys())]
-    wrong = [*wrong, *(f"{k}: checkpoint {tuple(sd[k].shape)}, model {tuple(t.shape)}"
-                       for k, t in expected.items() if k in sd and sd[k].shape != t.shape)]
+    wrong = [
+        *wrong,
+        *(
+            f"{k}: checkpoint {tuple(sd[k].shape)}, model {tuple(t.shape)}"
+            for k, t in expected.items()
+            if k in sd and sd[k].shape != t.shape
+        ),
+    ]
     if missing or unexpected or wrong:
         raise CheckpointError(f"{source}: checkpoint does not match {model_cls.__name__}", missing, unexpected, wrong)
     dtype = torch_dtype or torch.float32
@@ -193,19 +217,28 @@ class MotionAdapter:
         self.config, self.state_dict = config, state_dict
 
     @classmethod
-    def from_pretrained(cls, repo_id_or_dir: str | Path, *, variant: str | None = None,
-                        torch_dtype: torch.dtype | None = None, cache_dir: str | Path | None = None,
-                        local_files_only: bool | None = None, revision: str | None = None) -> MotionAdapter:
+    def from_pretrained(
+        cls,
+        repo_id_or_dir: str | Path,
+        *,
+        variant: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool | None = None,
+        revision: str | None = None,
+    ) -> MotionAdapter:
         """Read `config.json` (_class_name MotionAdapter) + weights from a folder or a Hub repo id."""
-        folder = hub.fetch(repo_id_or_dir, variant=variant, cache_dir=cache_dir,
-                           local_files_only=local_files_only, revision=revision)
+        folder = hub.fetch(
+            repo_id_or_dir, variant=variant, cache_dir=cache_dir, local_files_only=local_files_only, revision=revision
+        )
         config = MotionConfig.from_diffusers(read_config(folder, "MotionAdapter"))
         dtype = torch_dtype or torch.float32
         return cls(config, {k: t.to(dtype) for k, t in read_state_dict(folder, variant).items()})
 
     @classmethod
-    def from_single_file(cls, path: str | Path, config: MotionConfig | None = None,
-                         torch_dtype: torch.dtype | None = None) -> MotionAdapter:
+    def from_single_file(
+        cls, path: str | Path, config: MotionConfig | None = None, torch_dtype: torch.dtype | None = None
+    ) -> MotionAdapter:
         """The original PIA checkpoint `pia.ckpt` (open-mmlab/PIA layout), read safely; config: inferred from
         the file's shapes (PIA's heads and groups) unless given. See single_file.read_pia_ckpt."""
         from pia_torch.single_file import read_pia_ckpt  # single_file builds on this module
@@ -243,61 +276,121 @@ def assemble_unet(base: StateDict, adapter: StateDict, conv_in: str = "base") ->
         w_base, w_adapter = base["conv_in.weight"], adapter["conv_in.weight"]
         dtype = torch.promote_types(w_base.dtype, w_adapter.dtype)  # an fp16 file beside an fp32 one loses nothing
         sd["conv_in.weight"] = torch.cat([w_base.to(dtype), w_adapter[:, 4:].to(dtype)], dim=1)  # (C, 4 + 5, 3, 3)
-        logger.info("conv_in: %d input channels = base UNet channels 0-3 + adapter channels 4-%d; bias from the "
-                    "base UNet (adapter conv_in.bias and channels 0-3 unused, as diffusers' from_unet2d)",
-                    sd["conv_in.weight"].shape[1], w_adapter.shape[1] - 1)
+        logger.info(
+            "conv_in: %d input channels = base UNet channels 0-3 + adapter channels 4-%d; bias from the "
+            "base UNet (adapter conv_in.bias and channels 0-3 unused, as diffusers' from_unet2d)",
+            sd["conv_in.weight"].shape[1],
+            w_adapter.shape[1] - 1,
+        )
     return sd
 
 
-def build_unet(config_dict: dict, base: StateDict, adapter: MotionAdapter | None = None, *, convention: str = "original",
-               torch_dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-               source: str = "unet", conv_in: str = "base") -> UNet:
+def build_unet(
+    config_dict: dict,
+    base: StateDict,
+    adapter: MotionAdapter | None = None,
+    *,
+    convention: str = "original",
+    torch_dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    source: str = "unet",
+    conv_in: str = "base",
+) -> UNet:
     """The UNet from a diffusers config.json dict and its diffusers-named tensors (+ an adapter, merged by
     assemble_unet with its conv_in rule)."""
     if adapter is not None and config_dict.get("_class_name") == "UNetMotionModel":
-        logger.warning("%s is a UNetMotionModel with its own motion modules: the adapter is not used "
-                    "(as diffusers' PIAPipeline)", source)
+        logger.warning(
+            "%s is a UNetMotionModel with its own motion modules: the adapter is not used (as diffusers' PIAPipeline)",
+            source,
+        )
         adapter = None
     config = UNetConfig.from_diffusers(config_dict, motion=adapter.config if adapter else None, convention=convention)
     sd = assemble_unet(base, adapter.state_dict, conv_in) if adapter is not None else base
     sd, ignored = remap(sd)
     unexpected, wrong = check_frame_tables(ignored, sd, config.motion)
-    return build(UNet, config, sd, torch_dtype=torch_dtype, device=device, source=source,
-                 unexpected=unexpected, wrong=wrong)
+    return build(
+        UNet, config, sd, torch_dtype=torch_dtype, device=device, source=source, unexpected=unexpected, wrong=wrong
+    )
 
 
-def build_vae(config_dict: dict, sd: StateDict, *, torch_dtype: torch.dtype | None = None,
-              device: torch.device | str | None = None, source: str = "vae") -> AutoencoderKL:
+def build_vae(
+    config_dict: dict,
+    sd: StateDict,
+    *,
+    torch_dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    source: str = "vae",
+) -> AutoencoderKL:
     """The VAE from a diffusers config.json dict and its diffusers-named (or legacy-named) tensors."""
     sd, ignored = remap(sd)
-    return build(AutoencoderKL, VAEConfig.from_diffusers(config_dict), sd, torch_dtype=torch_dtype, device=device,
-                 source=source, unexpected=ignored.keys())
+    return build(
+        AutoencoderKL,
+        VAEConfig.from_diffusers(config_dict),
+        sd,
+        torch_dtype=torch_dtype,
+        device=device,
+        source=source,
+        unexpected=ignored.keys(),
+    )
 
 
-def load_unet(unet_dir: str | Path, adapter: MotionAdapter | None = None, *, convention: str = "original",
-              torch_dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-              variant: str | None = None, conv_in: str = "base") -> UNet:
+def load_unet(
+    unet_dir: str | Path,
+    adapter: MotionAdapter | None = None,
+    *,
+    convention: str = "original",
+    torch_dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    variant: str | None = None,
+    conv_in: str = "base",
+) -> UNet:
     """A diffusers `unet/` folder (UNet2DConditionModel) + a MotionAdapter -> the PIA UNet, assembled like
     diffusers' UNetMotionModel.from_unet2d. A UNetMotionModel folder loads alone (adapter=None)."""
     config_dict = read_config(unet_dir, "UNet2DConditionModel", "UNetMotionModel")
-    return build_unet(config_dict, read_state_dict(unet_dir, variant), adapter, convention=convention,
-                      torch_dtype=torch_dtype, device=device, source=str(unet_dir), conv_in=conv_in)
+    return build_unet(
+        config_dict,
+        read_state_dict(unet_dir, variant),
+        adapter,
+        convention=convention,
+        torch_dtype=torch_dtype,
+        device=device,
+        source=str(unet_dir),
+        conv_in=conv_in,
+    )
 
 
-def load_vae(vae_dir: str | Path, *, torch_dtype: torch.dtype | None = None,
-             device: torch.device | str | None = None, variant: str | None = None) -> AutoencoderKL:
+def load_vae(
+    vae_dir: str | Path,
+    *,
+    torch_dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    variant: str | None = None,
+) -> AutoencoderKL:
     """A diffusers `vae/` folder (AutoencoderKL) -> pia_torch AutoencoderKL."""
-    return build_vae(read_config(vae_dir, "AutoencoderKL"), read_state_dict(vae_dir, variant),
-                     torch_dtype=torch_dtype, device=device, source=str(vae_dir))
+    return build_vae(
+        read_config(vae_dir, "AutoencoderKL"),
+        read_state_dict(vae_dir, variant),
+        torch_dtype=torch_dtype,
+        device=device,
+        source=str(vae_dir),
+    )
 
 
 # --------------------------------------------------------------------------------------------- pipeline
 
-def load_pipeline_components(repo_id_or_dir: str | Path, motion_adapter: MotionAdapter | None = None,
-                             torch_dtype: torch.dtype | None = None, variant: str | None = None,
-                             convention: str = "original", cache_dir: str | Path | None = None,
-                             local_files_only: bool | None = None, revision: str | None = None,
-                             vae: str | Path | AutoencoderKL | None = None, conv_in: str = "base") -> dict:
+
+def load_pipeline_components(
+    repo_id_or_dir: str | Path,
+    motion_adapter: MotionAdapter | None = None,
+    torch_dtype: torch.dtype | None = None,
+    variant: str | None = None,
+    convention: str = "original",
+    cache_dir: str | Path | None = None,
+    local_files_only: bool | None = None,
+    revision: str | None = None,
+    vae: str | Path | AutoencoderKL | None = None,
+    conv_in: str = "base",
+) -> dict:
     """PIAPipeline's components {vae, text_encoder, tokenizer, unet, scheduler} from a diffusers Stable
     Diffusion 1.5 folder or Hub repo (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)
     + a PIA motion adapter (else the repo's motion_adapter/). Only those files are fetched. vae: a separate
@@ -305,18 +398,26 @@ def load_pipeline_components(repo_id_or_dir: str | Path, motion_adapter: MotionA
     from transformers import CLIPTextModel, CLIPTokenizer
 
     where = {"cache_dir": cache_dir, "local_files_only": local_files_only, "revision": revision}
-    root = hub.resolve(repo_id_or_dir, ["model_index.json", "scheduler/*.json", "tokenizer/*",
-                                        "text_encoder/*.json", "vae/config.json"], **where)
+    root = hub.resolve(
+        repo_id_or_dir,
+        ["model_index.json", "scheduler/*.json", "tokenizer/*", "text_encoder/*.json", "vae/config.json"],
+        **where,
+    )
     unet_dir = hub.fetch(repo_id_or_dir, "unet", variant=variant, **where)
-    own_motion = read_config(unet_dir, "UNet2DConditionModel", "UNetMotionModel").get("_class_name") == "UNetMotionModel"
+    own_motion = (
+        read_config(unet_dir, "UNet2DConditionModel", "UNetMotionModel").get("_class_name") == "UNetMotionModel"
+    )
     if motion_adapter is None and not own_motion:
         if not (root / "motion_adapter" / "config.json").is_file():
-            raise ValueError("PIA needs a motion adapter: pass motion_adapter="
-                             "MotionAdapter.from_pretrained('openmmlab/PIA-condition-adapter')")
+            raise ValueError(
+                "PIA needs a motion adapter: pass motion_adapter="
+                "MotionAdapter.from_pretrained('openmmlab/PIA-condition-adapter')"
+            )
         motion_adapter = MotionAdapter.from_pretrained(root / "motion_adapter", variant=variant)
     dtype = torch_dtype or torch.float32
-    unet = load_unet(unet_dir, motion_adapter, convention=convention, torch_dtype=dtype, variant=variant,
-                     conv_in=conv_in)
+    unet = load_unet(
+        unet_dir, motion_adapter, convention=convention, torch_dtype=dtype, variant=variant, conv_in=conv_in
+    )
     if vae is None:
         vae = load_vae(hub.fetch(repo_id_or_dir, "vae", variant=variant, **where), torch_dtype=dtype, variant=variant)
     else:
@@ -326,8 +427,13 @@ def load_pipeline_components(repo_id_or_dir: str | Path, motion_adapter: MotionA
     text_dir = hub.fetch(repo_id_or_dir, "text_encoder", variant=variant, stems=hub.TRANSFORMERS, **where)
     text_variant = hub.find_weights(text_dir, variant, hub.TRANSFORMERS)[0]
     text_encoder = CLIPTextModel.from_pretrained(text_dir, variant=text_variant).to(dtype).eval()
-    return {"vae": vae, "text_encoder": text_encoder, "tokenizer": CLIPTokenizer.from_pretrained(root / "tokenizer"),
-            "unet": unet, "scheduler": load_scheduler(root / "scheduler")}
+    return {
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": CLIPTokenizer.from_pretrained(root / "tokenizer"),
+        "unet": unet,
+        "scheduler": load_scheduler(root / "scheduler"),
+    }
 
 
 def load_scheduler(folder: Path) -> SchedulerBase:
@@ -336,7 +442,9 @@ def load_scheduler(folder: Path) -> SchedulerBase:
     config = json.loads((folder / "scheduler_config.json").read_text())
     cls = scheduler_class(config.get("_class_name"))
     if cls is None:
-        logger.info("scheduler %s is not offered by pia_torch: using DDIMScheduler with the same betas",
-                    config.get("_class_name"))
+        logger.info(
+            "scheduler %s is not offered by pia_torch: using DDIMScheduler with the same betas",
+            config.get("_class_name"),
+        )
         cls = DDIMScheduler
     return cls.from_config(config)

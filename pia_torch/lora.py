@@ -5,11 +5,11 @@
     parse_lora(sd, metadata, names)  kohya / A1111 and diffusers / PEFT layouts -> {target: LoraLayer}
     LoraAdapters(unet, text_encoder) load, set_adapters, fuse, unfuse, unload: PIAPipeline's LoRA methods
 
-Layouts (kohya sd-scripts, diffusers/loaders/lora_conversion_utils.py, PEFT): kohya `lora_unet_<path>` with the diffusers path or the LDM one
-(`input_blocks_4_1_...`), `lora_te_` / `lora_te1_text_model_<path>`, `.lora_down/.lora_up.weight` and
-`.alpha`, LoCon convs (3x3 down, 1x1 up) included; diffusers / PEFT `unet.<path>.lora_A/lora_B.weight`
-and `text_encoder.<path>...`, alphas from `lora_adapter_metadata` (lora_alpha, alpha_pattern). A name
-is looked up in a table of the model's own module paths, never split on underscores.
+Layouts (kohya sd-scripts, diffusers/loaders/lora_conversion_utils.py, PEFT): kohya `lora_unet_<path>`
+with the diffusers path or the LDM one (`input_blocks_4_1_...`), `lora_te_` / `lora_te1_text_model_<path>`,
+`.lora_down/.lora_up.weight` and `.alpha`, LoCon convs (3x3 down, 1x1 up) included; diffusers / PEFT
+`unet.<path>.lora_A/lora_B.weight` and `text_encoder.<path>...`, alphas from `lora_adapter_metadata`
+(lora_alpha, alpha_pattern). A name is looked up in a table of the model's own module paths, never split on underscores.
 
 Merge (kohya `merge_to`, PEFT, diffusers `fuse_lora`): W' = W + Σ_i w_i · (α_i / r_i) · up_i @ down_i,
 r = rows of down, α = the module's own `.alpha` (missing: α = r). diffusers applies the most common
@@ -33,8 +33,13 @@ from torch import Tensor, nn
 from pia_torch.loading import diffusers_names
 from pia_torch.single_file import ldm_path
 
-SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha",  # kohya
-            ".lora_A.weight": "down", ".lora_B.weight": "up"}                          # PEFT
+SUFFIXES = {
+    ".lora_down.weight": "down",
+    ".lora_up.weight": "up",
+    ".alpha": "alpha",  # kohya
+    ".lora_A.weight": "down",
+    ".lora_B.weight": "up",
+}  # PEFT
 Target = tuple[str, nn.Module]  # ("unet.<pia_torch path>" or "text_encoder.<path>", the Linear / Conv2d)
 
 
@@ -78,11 +83,14 @@ def lora_names(unet: nn.Module, text_encoder: nn.Module | None = None) -> dict[s
         target = (f"unet.{p}", modules[p])
         for name in (f"unet.{d}", "lora_unet_" + d.replace(".", "_"), "lora_unet_" + ldm[d].replace(".", "_")):
             names[name] = target
-    for p, m in (text_encoder.named_modules() if text_encoder is not None else []):
+    for p, m in text_encoder.named_modules() if text_encoder is not None else []:
         if isinstance(m, nn.Linear):
             q = p.removeprefix("text_model.")
-            for name in (f"text_encoder.{q}", f"text_encoder.text_model.{q}",
-                         *(f"{prefix}_text_model_{q.replace('.', '_')}" for prefix in ("lora_te", "lora_te1"))):
+            for name in (
+                f"text_encoder.{q}",
+                f"text_encoder.text_model.{q}",
+                *(f"{prefix}_text_model_{q.replace('.', '_')}" for prefix in ("lora_te", "lora_te1")),
+            ):
                 names[name] = (f"text_encoder.{p}", m)
     return names
 
@@ -103,15 +111,17 @@ def parse_lora(sd: dict[str, Tensor], metadata: dict, names: dict[str, Target]) 
     lists every key that matches no module or belongs to no complete down/up pair; DoRA is refused."""
     dora = [k for k in sd if "dora_scale" in k or "lora_magnitude_vector" in k]
     if dora or any(k.endswith("use_dora") and v for k, v in metadata.items()):
-        raise ValueError(f"DoRA LoRA (weight-decomposed, e.g. {dora[:2]}) is not supported: its magnitude "
-                         "vectors cannot be dropped without changing the result")
+        raise ValueError(
+            f"DoRA LoRA (weight-decomposed, e.g. {dora[:2]}) is not supported: its magnitude "
+            "vectors cannot be dropped without changing the result"
+        )
     groups, bad = {}, []
     for key, tensor in sd.items():
         suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
-        if suffix is None or key[:-len(suffix)] not in names:
+        if suffix is None or key[: -len(suffix)] not in names:
             bad.append(key)
         else:
-            groups.setdefault(key[:-len(suffix)], {})[SUFFIXES[suffix]] = tensor
+            groups.setdefault(key[: -len(suffix)], {})[SUFFIXES[suffix]] = tensor
     bad += [f"{name}: no {part}" for name, g in groups.items() for part in ("down", "up") if part not in g]
     layers = {}
     for name, g in groups.items():
@@ -131,9 +141,10 @@ def parse_lora(sd: dict[str, Tensor], metadata: dict, names: dict[str, Target]) 
         ones = [1] * (weight.ndim - 2)  # conv: up is a 1x1 conv, down has the target's kernel
         layers[key] = LoraLayer(down.reshape(r, *weight.shape[1:]), up.reshape(-1, r, *ones), scale)
     if bad:
-        raise ValueError(f"{len(bad)} LoRA keys match no module of this model, or are incomplete or mis-shaped "
-                         "(LyCORIS LoHa / LoKr / Tucker keys are not supported):"
-                         + "".join(f"\n  {k}" for k in sorted(bad)))
+        raise ValueError(
+            f"{len(bad)} LoRA keys match no module of this model, or are incomplete or mis-shaped "
+            "(LyCORIS LoHa / LoKr / Tucker keys are not supported):" + "".join(f"\n  {k}" for k in sorted(bad))
+        )
     return layers
 
 
@@ -149,10 +160,10 @@ class LoraAdapters:
     def __init__(self, unet: nn.Module, text_encoder: nn.Module | None = None) -> None:
         self.unet, self.text_encoder = unet, text_encoder
         self.adapters: dict[str, dict[str, LoraLayer]] = {}  # name -> {target key: layer}
-        self.weights: dict[str, float] = {}                  # active adapters -> weight
-        self.modules: dict[str, nn.Module] = {}              # target key -> hooked Linear / Conv2d
+        self.weights: dict[str, float] = {}  # active adapters -> weight
+        self.modules: dict[str, nn.Module] = {}  # target key -> hooked Linear / Conv2d
         self.hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
-        self.originals: dict[str, nn.Parameter] = {}         # target key -> weight before fuse
+        self.originals: dict[str, nn.Parameter] = {}  # target key -> weight before fuse
 
     def _refuse_if_fused(self, action: str) -> None:
         if self.originals:
@@ -190,8 +201,11 @@ class LoraAdapters:
 
     def _delta(self, key: str) -> Tensor | None:
         """Σ over active adapters of w·(α/r)·up @ down for one target, float32; None if none touches it."""
-        deltas = [w * self.adapters[n][key].scale * self.adapters[n][key].delta()
-                  for n, w in self.weights.items() if key in self.adapters[n]]
+        deltas = [
+            w * self.adapters[n][key].scale * self.adapters[n][key].delta()
+            for n, w in self.weights.items()
+            if key in self.adapters[n]
+        ]
         return sum(deltas) if deltas else None
 
     def _hook(self, key: str) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], Tensor]:

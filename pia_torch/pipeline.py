@@ -21,12 +21,12 @@ the strength and works with Euler (freeinit.py).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -38,13 +38,13 @@ from torch import Tensor, nn
 from pia_torch.freeinit import free_init
 from pia_torch.loading import MotionAdapter, load_pipeline_components
 from pia_torch.lora import LoraAdapters
-from pia_torch.saving import save_pipeline
-from pia_torch.single_file import load_single_file_components
 from pia_torch.models.text import encode_text, tokenize
 from pia_torch.models.unet import UNet
 from pia_torch.models.vae import AutoencoderKL
 from pia_torch.sampling import GeneratorArg, randn_tensor, sample, step_sigmas
+from pia_torch.saving import save_pipeline
 from pia_torch.schedulers import SchedulerBase
+from pia_torch.single_file import load_single_file_components
 
 logger = logging.getLogger("pia_torch")
 
@@ -70,6 +70,7 @@ CALLBACK_TENSORS = ("latents", "prompt_embeds", "negative_prompt_embeds")
 
 # --------------------------------------------------------------------------------------------- functions
 
+
 def mask_coefficients(num_frames: int, motion_scale: int = 0, cond_frame: int = 0) -> list[float]:
     """Per-frame affinity to the condition frame: preset row `motion_scale` (negative indices count from
     the end, as in diffusers), padded with its last value; frame i gets row[|i − cond_frame|]."""
@@ -91,15 +92,15 @@ def _to_tensor(image: ImageInput) -> Tensor:
         arrays = [np.array(i.convert("RGB")).astype(np.float32) / 255.0 for i in items]
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     if all(isinstance(i, np.ndarray) for i in items):
-        x = np.concatenate([i[None] if i.ndim == 3 else i for i in items])     # (n, H, W, C)
+        x = np.concatenate([i[None] if i.ndim == 3 else i for i in items])  # (n, H, W, C)
         x = torch.from_numpy(x).permute(0, 3, 1, 2)
     elif all(isinstance(i, Tensor) for i in items):
-        x = torch.cat([i[None] if i.ndim == 3 else i for i in items])          # (n, C, H, W)
+        x = torch.cat([i[None] if i.ndim == 3 else i for i in items])  # (n, C, H, W)
     else:
         raise ValueError(f"image must be PIL images, numpy arrays or torch tensors, got {type(items[0]).__name__}")
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"expected RGB images (H, W, 3) / (3, H, W) (batched or not), got shape {tuple(x.shape)}")
-    return x.float() / 255 if x.dtype == torch.uint8 else x                    # diffusers would not rescale uint8
+    return x.float() / 255 if x.dtype == torch.uint8 else x  # diffusers would not rescale uint8
 
 
 def preprocess_image(image: ImageInput, height: int, width: int) -> Tensor:
@@ -117,7 +118,7 @@ def preprocess_image(image: ImageInput, height: int, width: int) -> Tensor:
         size = (max(height, round(h * scale)), max(width, round(w * scale)))
         x = F.interpolate(x.float(), size=size, mode="bicubic", antialias=True, align_corners=False).to(x.dtype)
         top, left = (size[0] - height) // 2, (size[1] - width) // 2
-        x = x[:, :, top:top + height, left:left + width].clamp(-1, 1)
+        x = x[:, :, top : top + height, left : left + width].clamp(-1, 1)
     return x
 
 
@@ -134,10 +135,10 @@ def encode_condition(vae: AutoencoderKL, pixels: Tensor, generator: GeneratorArg
     if isinstance(generator, (list, tuple)) and len(generator) > 1:
         if len(generator) != num_videos:
             raise ValueError(f"got {len(generator)} generators for {num_videos} videos")
-        z = torch.cat([vae.encode(pixels[k // r:k // r + 1]).sample(g) for k, g in enumerate(generator)])
+        z = torch.cat([vae.encode(pixels[k // r : k // r + 1]).sample(g) for k, g in enumerate(generator)])
     else:
         g = generator[0] if isinstance(generator, (list, tuple)) else generator
-        z = vae.encode(pixels).sample(g).repeat_interleave(r, dim=0)       # (b, c, h, w)
+        z = vae.encode(pixels).sample(g).repeat_interleave(r, dim=0)  # (b, c, h, w)
     return z * vae.config.scaling_factor
 
 
@@ -145,13 +146,14 @@ def condition_inputs(cond: Tensor, coefficients: Sequence[float]) -> tuple[Tenso
     """cond (b, c, h, w), one coefficient per frame -> mask (b, 1, f, h, w) = coef[f] and the condition
     repeated over frames (b, c, f, h, w): UNet input channels 4 and 5..8."""
     b, c, h, w = cond.shape
-    coef = torch.tensor(coefficients, dtype=torch.float32).to(cond)        # fp16 rounds like diffusers
+    coef = torch.tensor(coefficients, dtype=torch.float32).to(cond)  # fp16 rounds like diffusers
     mask = coef.view(1, 1, -1, 1, 1).expand(b, 1, -1, h, w).contiguous()
     return mask, cond[:, :, None].expand(-1, -1, len(coefficients), -1, -1).contiguous()
 
 
-def make_denoiser(unet: UNet, text: Tensor, mask: Tensor, cond: Tensor,
-                  guidance_scale: float) -> Callable[[Tensor, Tensor], Tensor]:
+def make_denoiser(
+    unet: UNet, text: Tensor, mask: Tensor, cond: Tensor, guidance_scale: float
+) -> Callable[[Tensor, Tensor], Tensor]:
     """The model closure for `sampling.sample`: the model input x (b, 4, f, h, w) (already scaled by the
     loop), t -> the model output (ε, or v / x0 by the UNet's training) (b, 4, f, h, w). Stateless.
 
@@ -163,9 +165,9 @@ def make_denoiser(unet: UNet, text: Tensor, mask: Tensor, cond: Tensor,
     guided = guidance_scale > 1
 
     def denoise(x: Tensor, t: Tensor) -> Tensor:
-        x_in = torch.cat([x, mask, cond], dim=1)                           # (b, 4 + 1 + 4, f, h, w)
+        x_in = torch.cat([x, mask, cond], dim=1)  # (b, 4 + 1 + 4, f, h, w)
         if guided:
-            x_in = torch.cat([x_in] * 2)                                   # (2b, 9, f, h, w)
+            x_in = torch.cat([x_in] * 2)  # (2b, 9, f, h, w)
         model_output = unet(x_in, t, denoise.text)
         if guided:
             out_u, out_c = model_output.chunk(2)
@@ -191,12 +193,16 @@ def decode_latents(vae: AutoencoderKL, latents: Tensor, chunk_size: int | None =
         if dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(out).all():
             redone += 1
             out = vae.float().decode(chunk.float())
-            vae.to(dtype)                                   # fp16 -> fp32 -> fp16 is exact
+            vae.to(dtype)  # fp16 -> fp32 -> fp16 is exact
         frames.append(out.float())
     if redone:
-        logger.warning("the %s VAE decoder overflowed on %d of %d chunks: decoded them again in float32 "
-                       "(a VAE that does this every time is faster in float32 from the start)",
-                       dtype, redone, len(frames))
+        logger.warning(
+            "the %s VAE decoder overflowed on %d of %d chunks: decoded them again in float32 "
+            "(a VAE that does this every time is faster in float32 from the start)",
+            dtype,
+            redone,
+            len(frames),
+        )
     return rearrange(torch.cat(frames), "(b f) c h w -> b c f h w", b=latents.shape[0])
 
 
@@ -216,6 +222,7 @@ def postprocess(video: Tensor, output_type: str = "pil") -> Any:
 
 # --------------------------------------------------------------------------------------------- pipeline
 
+
 @dataclass
 class PIAPipelineOutput:
     """frames: (b, f, H, W, 3) np / (b, f, 3, H, W) pt / b lists of f PIL images / latents (b, 4, f, h, w)."""
@@ -230,10 +237,16 @@ class PIAPipeline:
     """PIA: animate an image with a text prompt. Components are plain modules: `unet`, `vae`,
     `text_encoder` (transformers CLIPTextModel), `tokenizer` (CLIPTokenizer) and `scheduler`."""
 
-    def __init__(self, vae: AutoencoderKL, text_encoder: nn.Module, tokenizer: Any, unet: UNet,
-                 scheduler: SchedulerBase) -> None:
+    def __init__(
+        self, vae: AutoencoderKL, text_encoder: nn.Module, tokenizer: Any, unet: UNet, scheduler: SchedulerBase
+    ) -> None:
         self.vae, self.text_encoder, self.tokenizer, self.unet, self.scheduler = (
-            vae, text_encoder, tokenizer, unet, scheduler)
+            vae,
+            text_encoder,
+            tokenizer,
+            unet,
+            scheduler,
+        )
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._free_init: dict[str, Any] | None = None
         self._offload_device: torch.device | None = None
@@ -243,24 +256,50 @@ class PIAPipeline:
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, repo_id_or_dir: str | Path, motion_adapter: MotionAdapter | None = None,
-                        torch_dtype: torch.dtype | None = None, variant: str | None = None,
-                        convention: str = "original", cache_dir: str | Path | None = None,
-                        local_files_only: bool | None = None, revision: str | None = None,
-                        vae: str | Path | AutoencoderKL | None = None, conv_in: str = "base") -> PIAPipeline:
+    def from_pretrained(
+        cls,
+        repo_id_or_dir: str | Path,
+        motion_adapter: MotionAdapter | None = None,
+        torch_dtype: torch.dtype | None = None,
+        variant: str | None = None,
+        convention: str = "original",
+        cache_dir: str | Path | None = None,
+        local_files_only: bool | None = None,
+        revision: str | None = None,
+        vae: str | Path | AutoencoderKL | None = None,
+        conv_in: str = "base",
+    ) -> PIAPipeline:
         """A diffusers Stable Diffusion 1.5 folder or Hub repo (model_index.json, unet/, vae/, text_encoder/,
         tokenizer/, scheduler/) + a PIA motion adapter. Only those files are fetched. `convention`
         selects the UNet's GroupNorm convention: "original" (as PIA was trained) or "diffusers". vae: a
         separate VAE (file, folder or model). conv_in: "base" (diffusers' rule) or "adapter" (the original
         PIA's on the plain SD1.5 base: all of conv_in from the adapter); see loading.assemble_unet."""
-        return cls(**load_pipeline_components(repo_id_or_dir, motion_adapter, torch_dtype, variant, convention,
-                                              cache_dir=cache_dir, local_files_only=local_files_only,
-                                              revision=revision, vae=vae, conv_in=conv_in))
+        return cls(
+            **load_pipeline_components(
+                repo_id_or_dir,
+                motion_adapter,
+                torch_dtype,
+                variant,
+                convention,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                revision=revision,
+                vae=vae,
+                conv_in=conv_in,
+            )
+        )
 
     @classmethod
-    def from_single_file(cls, path: str | Path, motion_adapter: MotionAdapter, config: str | Path | None = None,
-                         vae: str | Path | AutoencoderKL | None = None, torch_dtype: torch.dtype | None = None,
-                         convention: str = "original", conv_in: str = "base") -> PIAPipeline:
+    def from_single_file(
+        cls,
+        path: str | Path,
+        motion_adapter: MotionAdapter,
+        config: str | Path | None = None,
+        vae: str | Path | AutoencoderKL | None = None,
+        torch_dtype: torch.dtype | None = None,
+        convention: str = "original",
+        conv_in: str = "base",
+    ) -> PIAPipeline:
         """A personalised SD1.5 model as one file in the original LDM layout (civitai-style .safetensors;
         .ckpt/.pt/.pth only through torch.load(weights_only=True)) + a PIA motion adapter. Configs: SD1.5's,
         shipped with pia_torch, or `config` (a diffusers folder or Hub id). vae: a separate VAE file or
@@ -293,8 +332,9 @@ class PIAPipeline:
         """Keep the models on the CPU and move each to the accelerator only while it runs. Without an
         accelerator this logs and does nothing (diffusers 0.42.1 raises)."""
         if device is None and not torch.cuda.is_available():
-            logger.info("enable_model_cpu_offload(): no accelerator found, nothing to offload; running on %s",
-                        self.device)
+            logger.info(
+                "enable_model_cpu_offload(): no accelerator found, nothing to offload; running on %s", self.device
+            )
             return
         self._offload_device = torch.device(device or f"cuda:{gpu_id or 0}")
         self.to("cpu")
@@ -312,14 +352,25 @@ class PIAPipeline:
             module.to("cpu")
 
     # ----------------------------------------------------------------------------------- switches
-    def enable_free_init(self, num_iters: int = 3, use_fast_sampling: bool = False, method: str = "butterworth",
-                         order: int = 4, spatial_stop_frequency: float = 0.25,
-                         temporal_stop_frequency: float = 0.25) -> None:
+    def enable_free_init(
+        self,
+        num_iters: int = 3,
+        use_fast_sampling: bool = False,
+        method: str = "butterworth",
+        order: int = 4,
+        spatial_stop_frequency: float = 0.25,
+        temporal_stop_frequency: float = 0.25,
+    ) -> None:
         """FreeInit (Wu et al. 2023): re-run sampling `num_iters` times from noise whose low frequencies
         come from the previous result (freeinit.py)."""
-        self._free_init = dict(num_iters=num_iters, use_fast_sampling=use_fast_sampling, method=method,
-                               order=order, spatial_stop_frequency=spatial_stop_frequency,
-                               temporal_stop_frequency=temporal_stop_frequency)
+        self._free_init = dict(
+            num_iters=num_iters,
+            use_fast_sampling=use_fast_sampling,
+            method=method,
+            order=order,
+            spatial_stop_frequency=spatial_stop_frequency,
+            temporal_stop_frequency=temporal_stop_frequency,
+        )
 
     def disable_free_init(self) -> None:
         self._free_init = None
@@ -376,11 +427,18 @@ class PIAPipeline:
 
     # ----------------------------------------------------------------------------------- steps
     @torch.no_grad()
-    def encode_prompt(self, prompt: str | list[str] | None, device: torch.device | None = None,
-                      num_images_per_prompt: int = 1, do_classifier_free_guidance: bool = True,
-                      negative_prompt: str | list[str] | None = None, prompt_embeds: Tensor | None = None,
-                      negative_prompt_embeds: Tensor | None = None, lora_scale: float | None = None,
-                      clip_skip: int | None = None) -> tuple[Tensor, Tensor | None]:
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        device: torch.device | None = None,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+        lora_scale: float | None = None,
+        clip_skip: int | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
         """Prompts -> (positive (b·r, l, d), negative (b·r, l, d) or None without guidance), r =
         num_images_per_prompt, each row repeated r times in place (video k of prompt i is row i·r + k), in
         the text encoder's dtype. diffusers' signature and layout: feeding the result back as
@@ -405,7 +463,9 @@ class PIAPipeline:
         b = prompt_embeds.shape[0]
         if do_classifier_free_guidance and negative_prompt_embeds is None:
             if negative_prompt is not None and not isinstance(negative_prompt, (str, list, tuple)):
-                raise ValueError(f"negative_prompt must be a str or a list of str, got {type(negative_prompt).__name__}")
+                raise ValueError(
+                    f"negative_prompt must be a str or a list of str, got {type(negative_prompt).__name__}"
+                )
             single = negative_prompt is None or isinstance(negative_prompt, str)
             negatives = [negative_prompt or ""] * b if single else list(negative_prompt)
             if len(negatives) != b:
@@ -428,22 +488,40 @@ class PIAPipeline:
         self._checked_scheduler = self.scheduler
         config = self.scheduler.config
         if config.get("beta_schedule") != "linear" or config.get("clip_sample", False):
-            logger.warning("scheduler has beta_schedule=%r, clip_sample=%r: PIA was trained with "
-                           "beta_schedule='linear' and works best without clip_sample",
-                           config.get("beta_schedule"), config.get("clip_sample", False))
+            logger.warning(
+                "scheduler has beta_schedule=%r, clip_sample=%r: PIA was trained with "
+                "beta_schedule='linear' and works best without clip_sample",
+                config.get("beta_schedule"),
+                config.get("clip_sample", False),
+            )
 
     # ----------------------------------------------------------------------------------- call
     @torch.no_grad()
-    def __call__(self, image: ImageInput, prompt: str | list[str] | None = None, strength: float = 1.0,
-                 num_frames: int = 16, height: int | None = None, width: int | None = None,
-                 num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                 negative_prompt: str | list[str] | None = None, num_videos_per_prompt: int = 1, eta: float = 0.0,
-                 generator: torch.Generator | list[torch.Generator] | None = None, latents: Tensor | None = None,
-                 prompt_embeds: Tensor | None = None, negative_prompt_embeds: Tensor | None = None,
-                 motion_scale: int = 0, output_type: str = "pil", return_dict: bool = True,
-                 clip_skip: int | None = None, callback_on_step_end: Callable[..., dict] | None = None,
-                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-                 decode_chunk_size: int | None = None) -> PIAPipelineOutput | tuple:
+    def __call__(
+        self,
+        image: ImageInput,
+        prompt: str | list[str] | None = None,
+        strength: float = 1.0,
+        num_frames: int = 16,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_videos_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: Tensor | None = None,
+        prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+        motion_scale: int = 0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable[..., dict] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        decode_chunk_size: int | None = None,
+    ) -> PIAPipelineOutput | tuple:
         """Animate `image` guided by `prompt`; returns `.frames` (see PIAPipelineOutput).
 
         height/width default to unet.config.sample_size × vae_scale_factor; strength < 1 starts from the
@@ -476,11 +554,18 @@ class PIAPipeline:
 
         # 1. text states (b, l, d): one row per video, [negative; positive] with guidance
         text, negative = self.encode_prompt(
-            prompt, device, num_videos_per_prompt, do_cfg, negative_prompt, prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip)
+            prompt,
+            device,
+            num_videos_per_prompt,
+            do_cfg,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            clip_skip=clip_skip,
+        )
         num_videos = text.shape[0]
         if do_cfg:
-            text = torch.cat([negative, text])                                  # (2b, l, d)
+            text = torch.cat([negative, text])  # (2b, l, d)
 
         # 2. the draws in diffusers' order: x_T, the image posterior, the strength noise
         shape = (num_videos, 4, num_frames, height // self.vae_scale_factor, width // self.vae_scale_factor)
@@ -497,7 +582,7 @@ class PIAPipeline:
             if pixels.shape[0] not in (1, num_videos // num_videos_per_prompt, num_videos):
                 raise ValueError(f"{pixels.shape[0]} images for {num_videos // num_videos_per_prompt} prompts")
             cond = encode_condition(self.vae, pixels, generator, num_videos).to(device, self.dtype)
-        mask, cond = condition_inputs(cond, coefficients)                       # (b, 1|4, f, h, w)
+        mask, cond = condition_inputs(cond, coefficients)  # (b, 1|4, f, h, w)
         if strength < 1:
             noise = randn_tensor(shape, generator, device, noise.dtype)
 
@@ -513,18 +598,38 @@ class PIAPipeline:
 
         def on_step(state: dict[str, Any]) -> dict[str, Tensor] | None:
             values = {"latents": state["x"], "prompt_embeds": denoise.text, "negative_prompt_embeds": negative}
-            out = callback_on_step_end(self, state["i"], state["t"],
-                                       {k: values[k] for k in callback_on_step_end_tensor_inputs}) or {}
+            out = (
+                callback_on_step_end(
+                    self, state["i"], state["t"], {k: values[k] for k in callback_on_step_end_tensor_inputs}
+                )
+                or {}
+            )
             denoise.text = out.get("prompt_embeds", denoise.text)
             return {"x": out["latents"]} if "latents" in out else None
 
         def run_pass(x: Tensor, ts: Tensor) -> Tensor:
-            return sample(denoise, x, ts, step, on_step if callback_on_step_end else None, self._progress,
-                          sigmas=step_sigmas(self.scheduler, ts))
+            return sample(
+                denoise,
+                x,
+                ts,
+                step,
+                on_step if callback_on_step_end else None,
+                self._progress,
+                sigmas=step_sigmas(self.scheduler, ts),
+            )
 
         with self._on_device(self.unet):
-            latents = free_init(run_pass, start, noise, self.scheduler, num_inference_steps, strength,
-                                generator=generator, device=device, **(self._free_init or {"num_iters": 1}))
+            latents = free_init(
+                run_pass,
+                start,
+                noise,
+                self.scheduler,
+                num_inference_steps,
+                strength,
+                generator=generator,
+                device=device,
+                **(self._free_init or {"num_iters": 1}),
+            )
 
         # 4. decode
         if output_type == "latent":

@@ -29,8 +29,12 @@ GeneratorArg = torch.Generator | Sequence[torch.Generator] | None  # one, one pe
 # Randomness
 
 
-def randn_tensor(shape: Sequence[int], generator: GeneratorArg = None, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> Tensor:
+def randn_tensor(
+    shape: Sequence[int],
+    generator: GeneratorArg = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
     """Standard normal noise drawn exactly like diffusers' `utils/torch_utils.py::randn_tensor`.
 
     A CPU generator draws on the CPU and the result is moved to `device`; a list of generators draws
@@ -56,8 +60,13 @@ def randn_tensor(shape: Sequence[int], generator: GeneratorArg = None, device: t
 # Schedules (the `__init__` / `set_timesteps` of diffusers' DDIM, Euler and DPM-Solver schedulers)
 
 
-def make_betas(schedule: str, beta_start: float, beta_end: float, num_train_timesteps: int,
-               trained_betas: Sequence[float] | None = None) -> Tensor:
+def make_betas(
+    schedule: str,
+    beta_start: float,
+    beta_end: float,
+    num_train_timesteps: int,
+    trained_betas: Sequence[float] | None = None,
+) -> Tensor:
     """Training β_t, float32 (T,). "linear": torch linspace; "scaled_linear": linspace of √β, squared
     (LDM's "linear"); "squaredcos_cap_v2": Nichol & Dhariwal 2021 eq. 17, capped at 0.999."""
     if trained_betas is not None:
@@ -67,11 +76,14 @@ def make_betas(schedule: str, beta_start: float, beta_end: float, num_train_time
     if schedule == "scaled_linear":
         return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
     if schedule == "squaredcos_cap_v2":
+
         def alpha_bar(s: float) -> float:
             return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+
         T = num_train_timesteps
-        return torch.tensor([min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)],
-                            dtype=torch.float32)
+        return torch.tensor(
+            [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)], dtype=torch.float32
+        )
     raise ValueError(f"unknown beta_schedule {schedule!r}: use 'linear', 'scaled_linear' or 'squaredcos_cap_v2'")
 
 
@@ -128,7 +140,7 @@ def sigma_to_t(sigmas: np.ndarray, log_train_sigmas: np.ndarray) -> np.ndarray:
     """Fractional timestep of each σ: linear interpolation in log σ between the bracketing training
     timesteps (diffusers `EulerDiscreteScheduler._sigma_to_t`)."""
     log_sigma = np.log(np.maximum(sigmas, 1e-10))
-    above = (log_sigma - log_train_sigmas[:, None]) >= 0                 # (T, n)
+    above = (log_sigma - log_train_sigmas[:, None]) >= 0  # (T, n)
     low = np.cumsum(above, axis=0).argmax(axis=0).clip(max=len(log_train_sigmas) - 2)
     lo, hi = log_train_sigmas[low], log_train_sigmas[low + 1]
     w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
@@ -141,9 +153,17 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
     return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
-def euler_sigmas(alpha_bar: Tensor, timesteps: Tensor, *, interpolation: str = "linear", karras: bool = False,
-                 exponential: bool = False, sigma_min: float | None = None, sigma_max: float | None = None,
-                 final_sigmas_type: str = "zero") -> tuple[Tensor, Tensor]:
+def euler_sigmas(
+    alpha_bar: Tensor,
+    timesteps: Tensor,
+    *,
+    interpolation: str = "linear",
+    karras: bool = False,
+    exponential: bool = False,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    final_sigmas_type: str = "zero",
+) -> tuple[Tensor, Tensor]:
     """(timesteps, sigmas) of `EulerDiscreteScheduler.set_timesteps`, float32; sigmas has the final
     σ (0, or σ_0 for "sigma_min") appended.
 
@@ -175,8 +195,15 @@ def euler_sigmas(alpha_bar: Tensor, timesteps: Tensor, *, interpolation: str = "
     return torch.from_numpy(ts.astype(np.float32)), torch.from_numpy(sigmas)
 
 
-def dpm_sigmas(alpha_bar: Tensor, timesteps: Tensor, n: int, *, karras: bool = False, round_timesteps: bool = True,
-               final_sigmas_type: str = "zero") -> tuple[Tensor, Tensor]:
+def dpm_sigmas(
+    alpha_bar: Tensor,
+    timesteps: Tensor,
+    n: int,
+    *,
+    karras: bool = False,
+    round_timesteps: bool = True,
+    final_sigmas_type: str = "zero",
+) -> tuple[Tensor, Tensor]:
     """(int64 timesteps, float32 sigmas with the final σ appended) of `DPMSolverMultistepScheduler.set_timesteps`
     for n steps: σ interpolated at the timesteps, or n Karras σ over the whole training range (whatever
     the spacing) mapped back to timesteps, rounded unless `round_timesteps` is off (diffusers does so for
@@ -224,9 +251,18 @@ def _bad_prediction_type(prediction_type: str) -> ValueError:
     return ValueError(f"unknown prediction_type {prediction_type!r}: use 'epsilon', 'sample' or 'v_prediction'")
 
 
-def ddim_step(x: Tensor, model_output: Tensor, a_t: Tensor, a_prev: Tensor, eta: float = 0.0,
-              noise: Tensor | None = None, *, prediction_type: str = "epsilon", clip_sample_range: float | None = None,
-              threshold: tuple[float, float] | None = None) -> tuple[Tensor, Tensor]:
+def ddim_step(
+    x: Tensor,
+    model_output: Tensor,
+    a_t: Tensor,
+    a_prev: Tensor,
+    eta: float = 0.0,
+    noise: Tensor | None = None,
+    *,
+    prediction_type: str = "epsilon",
+    clip_sample_range: float | None = None,
+    threshold: tuple[float, float] | None = None,
+) -> tuple[Tensor, Tensor]:
     """One DDIM update x_t → x_{t_prev} (Song et al. 2021 eq. 12), `DDIMScheduler.step`.
 
     model_output is ε, x0 ("sample") or v ("v_prediction", Salimans & Ho 2022). a_t, a_prev are ᾱ at t
@@ -259,9 +295,17 @@ def ddim_step(x: Tensor, model_output: Tensor, a_t: Tensor, a_prev: Tensor, eta:
     return x_prev, x0
 
 
-def euler_step(x: Tensor, model_output: Tensor, sigma: Tensor | float, sigma_next: Tensor | float, *,
-               prediction_type: str = "epsilon", gamma: float = 0.0, noise: Tensor | None = None,
-               s_noise: float = 1.0) -> tuple[Tensor, Tensor]:
+def euler_step(
+    x: Tensor,
+    model_output: Tensor,
+    sigma: Tensor | float,
+    sigma_next: Tensor | float,
+    *,
+    prediction_type: str = "epsilon",
+    gamma: float = 0.0,
+    noise: Tensor | None = None,
+    s_noise: float = 1.0,
+) -> tuple[Tensor, Tensor]:
     """One Euler step of the probability-flow ODE in σ-space (Karras et al. 2022, Algorithm 2 without
     the Heun correction), `EulerDiscreteScheduler.step`.
 
@@ -294,9 +338,18 @@ def vp_alpha_sigma(sigma: Tensor) -> tuple[Tensor, Tensor]:
     return alpha, sigma * alpha
 
 
-def dpmpp_2m_step(x: Tensor, model_output: Tensor, sigma: Tensor, sigma_next: Tensor, sigma_prev: Tensor | None = None,
-                  x0_prev: Tensor | None = None, *, prediction_type: str = "epsilon",
-                  threshold: tuple[float, float] | None = None, solver_type: str = "midpoint") -> tuple[Tensor, Tensor]:
+def dpmpp_2m_step(
+    x: Tensor,
+    model_output: Tensor,
+    sigma: Tensor,
+    sigma_next: Tensor,
+    sigma_prev: Tensor | None = None,
+    x0_prev: Tensor | None = None,
+    *,
+    prediction_type: str = "epsilon",
+    threshold: tuple[float, float] | None = None,
+    solver_type: str = "midpoint",
+) -> tuple[Tensor, Tensor]:
     """One DPM-Solver++(2M) step on VP latents (Lu et al. 2022, "DPM-Solver++", Algorithm 2), as
     `DPMSolverMultistepScheduler.step` with algorithm_type="dpmsolver++".
 
@@ -336,15 +389,19 @@ def dpmpp_2m_step(x: Tensor, model_output: Tensor, sigma: Tensor, sigma_next: Te
 # A run: timesteps for a strength, the σ the model input is scaled by, and the loop
 
 
-def prepare_timesteps(scheduler: "SchedulerBase", num_inference_steps: int, strength: float = 1.0,
-                      device: torch.device | str | None = None) -> Tensor:
+def prepare_timesteps(
+    scheduler: "SchedulerBase",
+    num_inference_steps: int,
+    strength: float = 1.0,
+    device: torch.device | str | None = None,
+) -> Tensor:
     """The schedule of an img2img run (diffusers' `get_timesteps`): set N steps, skip the first
     N − int(N·strength) of them, and tell the scheduler where the run begins."""
     if not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength!r}")
     scheduler.set_timesteps(num_inference_steps, device=device)
     t_start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
-    timesteps = scheduler.timesteps[t_start * scheduler.order:]
+    timesteps = scheduler.timesteps[t_start * scheduler.order :]
     if len(timesteps) == 0:
         raise ValueError(f"strength {strength} leaves no step of {num_inference_steps}: raise either")
     scheduler.set_begin_index(t_start * scheduler.order)
@@ -358,13 +415,19 @@ def step_sigmas(scheduler: "SchedulerBase", timesteps: Tensor) -> Tensor | None:
         return None
     begin = scheduler.begin_index
     begin = scheduler.index_for_timestep(timesteps[0]) if begin is None else begin
-    return scheduler.sigmas[begin:begin + len(timesteps)]
+    return scheduler.sigmas[begin : begin + len(timesteps)]
 
 
-def sample(denoise: Callable[[Tensor, Tensor], Tensor], x: Tensor, timesteps: Tensor,
-           step: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]],
-           callback: Callable[[dict[str, Any]], Mapping[str, Any] | None] | None = None,
-           progress: bool = True, *, sigmas: Tensor | None = None) -> Tensor:
+def sample(
+    denoise: Callable[[Tensor, Tensor], Tensor],
+    x: Tensor,
+    timesteps: Tensor,
+    step: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]],
+    callback: Callable[[dict[str, Any]], Mapping[str, Any] | None] | None = None,
+    progress: bool = True,
+    *,
+    sigmas: Tensor | None = None,
+) -> Tensor:
     """The sampling loop (k-diffusion style). For step i at timestep t:
 
         model_output = denoise(x_in, t)     x_in = x, or x/√(σ_i² + 1) for σ-space latents (EDM's c_in)

@@ -42,22 +42,44 @@ def unet_config_dict(config: UNetConfig) -> dict[str, Any]:
     if m is None:
         raise ValueError("only a UNet with motion modules saves as a diffusers UNetMotionModel")
     return {
-        "_class_name": "UNetMotionModel", "_diffusers_version": DIFFUSERS_VERSION, "sample_size": c.sample_size,
-        "in_channels": c.in_channels, "out_channels": c.out_channels, "block_out_channels": list(c.block_out_channels),
+        "_class_name": "UNetMotionModel",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "sample_size": c.sample_size,
+        "in_channels": c.in_channels,
+        "out_channels": c.out_channels,
+        "block_out_channels": list(c.block_out_channels),
         "down_block_types": ["CrossAttnDownBlockMotion" if x else "DownBlockMotion" for x in c.cross_attention],
         "up_block_types": ["CrossAttnUpBlockMotion" if x else "UpBlockMotion" for x in c.up_attention],
-        "layers_per_block": c.layers_per_block, "downsample_padding": 1, "mid_block_scale_factor": 1,
-        "act_fn": "silu", "norm_num_groups": c.norm_num_groups, "norm_eps": c.norm_eps,
-        "cross_attention_dim": c.cross_attention_dim, "num_attention_heads": _compact(c.num_attention_heads),
-        "use_linear_projection": False, "transformer_layers_per_block": 1, "transformer_layers_per_mid_block": None,
-        "reverse_transformer_layers_per_block": None, "reverse_temporal_transformer_layers_per_block": None,
+        "layers_per_block": c.layers_per_block,
+        "downsample_padding": 1,
+        "mid_block_scale_factor": 1,
+        "act_fn": "silu",
+        "norm_num_groups": c.norm_num_groups,
+        "norm_eps": c.norm_eps,
+        "cross_attention_dim": c.cross_attention_dim,
+        "num_attention_heads": _compact(c.num_attention_heads),
+        "use_linear_projection": False,
+        "transformer_layers_per_block": 1,
+        "transformer_layers_per_mid_block": None,
+        "reverse_transformer_layers_per_block": None,
+        "reverse_temporal_transformer_layers_per_block": None,
         "temporal_transformer_layers_per_block": _compact(m.transformer_layers_per_block),
         "temporal_transformer_layers_per_mid_block": m.transformer_layers_per_mid_block,
-        "motion_max_seq_length": m.max_seq_length, "motion_num_attention_heads": _compact(m.num_attention_heads),
-        "reverse_motion_num_attention_heads": None, "use_motion_mid_block": m.use_mid_block,
+        "motion_max_seq_length": m.max_seq_length,
+        "motion_num_attention_heads": _compact(m.num_attention_heads),
+        "reverse_motion_num_attention_heads": None,
+        "use_motion_mid_block": m.use_mid_block,
         "mid_block_layers": m.mid_block_layers,
-        **dict.fromkeys(("encoder_hid_dim", "encoder_hid_dim_type", "addition_embed_type", "addition_time_embed_dim",
-                         "projection_class_embeddings_input_dim", "time_cond_proj_dim")),
+        **dict.fromkeys(
+            (
+                "encoder_hid_dim",
+                "encoder_hid_dim_type",
+                "addition_embed_type",
+                "addition_time_embed_dim",
+                "projection_class_embeddings_input_dim",
+                "time_cond_proj_dim",
+            )
+        ),
     }
 
 
@@ -65,13 +87,17 @@ def motion_config_dict(config: MotionConfig) -> dict[str, Any]:
     """The MotionAdapter config.json."""
     m = config
     return {
-        "_class_name": "MotionAdapter", "_diffusers_version": DIFFUSERS_VERSION,
-        "block_out_channels": list(m.block_out_channels), "motion_layers_per_block": _compact(m.layers_per_block),
+        "_class_name": "MotionAdapter",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "block_out_channels": list(m.block_out_channels),
+        "motion_layers_per_block": _compact(m.layers_per_block),
         "motion_transformer_layers_per_block": _compact(m.transformer_layers_per_block),
         "motion_mid_block_layers_per_block": m.mid_block_layers,
         "motion_transformer_layers_per_mid_block": m.transformer_layers_per_mid_block,
-        "motion_num_attention_heads": _compact(m.num_attention_heads), "motion_norm_num_groups": m.norm_num_groups,
-        "motion_max_seq_length": m.max_seq_length, "use_motion_mid_block": m.use_mid_block,
+        "motion_num_attention_heads": _compact(m.num_attention_heads),
+        "motion_norm_num_groups": m.norm_num_groups,
+        "motion_max_seq_length": m.max_seq_length,
+        "use_motion_mid_block": m.use_mid_block,
         "conv_in_channels": m.conv_in_channels,
     }
 
@@ -80,13 +106,25 @@ def vae_config_dict(config: VAEConfig) -> dict[str, Any]:
     """The AutoencoderKL config.json."""
     c, n = config, len(config.block_out_channels)
     return {
-        "_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, "in_channels": c.in_channels,
-        "out_channels": c.out_channels, "latent_channels": c.latent_channels,
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "in_channels": c.in_channels,
+        "out_channels": c.out_channels,
+        "latent_channels": c.latent_channels,
         "block_out_channels": list(c.block_out_channels),
-        "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
-        "layers_per_block": c.layers_per_block, "norm_num_groups": c.norm_num_groups, "act_fn": "silu",
-        "sample_size": c.sample_size, "scaling_factor": c.scaling_factor, "force_upcast": True, "shift_factor": None,
-        "latents_mean": None, "latents_std": None, "use_quant_conv": True, "use_post_quant_conv": True,
+        "down_block_types": ["DownEncoderBlock2D"] * n,
+        "up_block_types": ["UpDecoderBlock2D"] * n,
+        "layers_per_block": c.layers_per_block,
+        "norm_num_groups": c.norm_num_groups,
+        "act_fn": "silu",
+        "sample_size": c.sample_size,
+        "scaling_factor": c.scaling_factor,
+        "force_upcast": True,
+        "shift_factor": None,
+        "latents_mean": None,
+        "latents_std": None,
+        "use_quant_conv": True,
+        "use_post_quant_conv": True,
         "mid_block_add_attention": True,
     }
 
@@ -142,8 +180,9 @@ def with_frame_tables(sd: StateDict, max_seq_length: int) -> StateDict:
 
 def save_adapter(adapter: MotionAdapter, folder: str | Path) -> None:
     """A diffusers MotionAdapter folder: config.json + the adapter's (diffusers-named) tensors."""
-    save_model(folder, motion_config_dict(adapter.config),
-               with_frame_tables(adapter.state_dict, adapter.config.max_seq_length))
+    save_model(
+        folder, motion_config_dict(adapter.config), with_frame_tables(adapter.state_dict, adapter.config.max_seq_length)
+    )
 
 
 def save_pipeline(pipe: Any, folder: str | Path) -> None:
@@ -164,11 +203,18 @@ def save_pipeline(pipe: Any, folder: str | Path) -> None:
         pipe.text_encoder.save_pretrained(tmp / "text_encoder")
         pipe.tokenizer.save_pretrained(tmp / "tokenizer")
         _write_json(tmp / "scheduler" / "scheduler_config.json", {**scheduler, "_diffusers_version": DIFFUSERS_VERSION})
-        _write_json(tmp / "model_index.json", {
-            "_class_name": "PIAPipeline", "_diffusers_version": DIFFUSERS_VERSION,
-            "feature_extractor": [None, None], "image_encoder": [None, None],
-            "motion_adapter": ["diffusers", "MotionAdapter"], "scheduler": ["diffusers", scheduler["_class_name"]],
-            "text_encoder": ["transformers", type(pipe.text_encoder).__name__],
-            "tokenizer": ["transformers", type(pipe.tokenizer).__name__],
-            "unet": ["diffusers", "UNetMotionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        })
+        _write_json(
+            tmp / "model_index.json",
+            {
+                "_class_name": "PIAPipeline",
+                "_diffusers_version": DIFFUSERS_VERSION,
+                "feature_extractor": [None, None],
+                "image_encoder": [None, None],
+                "motion_adapter": ["diffusers", "MotionAdapter"],
+                "scheduler": ["diffusers", scheduler["_class_name"]],
+                "text_encoder": ["transformers", type(pipe.text_encoder).__name__],
+                "tokenizer": ["transformers", type(pipe.tokenizer).__name__],
+                "unet": ["diffusers", "UNetMotionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+            },
+        )

@@ -39,27 +39,75 @@ from pia_torch.sampling import (
     vp_alpha_sigma,
 )
 
-BETAS: Mapping[str, Any] = MappingProxyType(dict(
-    num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
-))
-DDIM_DEFAULTS: Mapping[str, Any] = MappingProxyType(dict(
-    **BETAS, clip_sample=True, set_alpha_to_one=True, steps_offset=0, prediction_type="epsilon", thresholding=False,
-    dynamic_thresholding_ratio=0.995, clip_sample_range=1.0, sample_max_value=1.0, timestep_spacing="leading",
-    rescale_betas_zero_snr=False,
-))
-EULER_DEFAULTS: Mapping[str, Any] = MappingProxyType(dict(
-    **BETAS, prediction_type="epsilon", interpolation_type="linear", use_karras_sigmas=False,
-    use_exponential_sigmas=False, use_beta_sigmas=False, sigma_min=None, sigma_max=None, timestep_spacing="linspace",
-    timestep_type="discrete", steps_offset=0, rescale_betas_zero_snr=False, final_sigmas_type="zero",
-))
-DPM_DEFAULTS: Mapping[str, Any] = MappingProxyType(dict(
-    **BETAS, solver_order=2, prediction_type="epsilon", thresholding=False, dynamic_thresholding_ratio=0.995,
-    sample_max_value=1.0, algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=True,
-    euler_at_final=False, use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
-    use_lu_lambdas=False, use_flow_sigmas=False, flow_shift=1.0, final_sigmas_type="zero",
-    lambda_min_clipped=-math.inf, variance_type=None, timestep_spacing="linspace", steps_offset=0,
-    rescale_betas_zero_snr=False, use_dynamic_shifting=False, time_shift_type="exponential",
-))
+BETAS: Mapping[str, Any] = MappingProxyType(
+    dict(
+        num_train_timesteps=1000,
+        beta_start=0.0001,
+        beta_end=0.02,
+        beta_schedule="linear",
+        trained_betas=None,
+    )
+)
+DDIM_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    dict(
+        **BETAS,
+        clip_sample=True,
+        set_alpha_to_one=True,
+        steps_offset=0,
+        prediction_type="epsilon",
+        thresholding=False,
+        dynamic_thresholding_ratio=0.995,
+        clip_sample_range=1.0,
+        sample_max_value=1.0,
+        timestep_spacing="leading",
+        rescale_betas_zero_snr=False,
+    )
+)
+EULER_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    dict(
+        **BETAS,
+        prediction_type="epsilon",
+        interpolation_type="linear",
+        use_karras_sigmas=False,
+        use_exponential_sigmas=False,
+        use_beta_sigmas=False,
+        sigma_min=None,
+        sigma_max=None,
+        timestep_spacing="linspace",
+        timestep_type="discrete",
+        steps_offset=0,
+        rescale_betas_zero_snr=False,
+        final_sigmas_type="zero",
+    )
+)
+DPM_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    dict(
+        **BETAS,
+        solver_order=2,
+        prediction_type="epsilon",
+        thresholding=False,
+        dynamic_thresholding_ratio=0.995,
+        sample_max_value=1.0,
+        algorithm_type="dpmsolver++",
+        solver_type="midpoint",
+        lower_order_final=True,
+        euler_at_final=False,
+        use_karras_sigmas=False,
+        use_exponential_sigmas=False,
+        use_beta_sigmas=False,
+        use_lu_lambdas=False,
+        use_flow_sigmas=False,
+        flow_shift=1.0,
+        final_sigmas_type="zero",
+        lambda_min_clipped=-math.inf,
+        variance_type=None,
+        timestep_spacing="linspace",
+        steps_offset=0,
+        rescale_betas_zero_snr=False,
+        use_dynamic_shifting=False,
+        time_shift_type="exponential",
+    )
+)
 
 
 def _make_config(class_name: str, defaults: Mapping[str, Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -114,8 +162,9 @@ class SchedulerBase:
 
     def __init__(self, **kwargs: Any) -> None:
         self._config = c = _make_config(type(self).__name__, self.defaults, kwargs)
-        betas = make_betas(c["beta_schedule"], c["beta_start"], c["beta_end"], c["num_train_timesteps"],
-                           c["trained_betas"])
+        betas = make_betas(
+            c["beta_schedule"], c["beta_start"], c["beta_end"], c["num_train_timesteps"], c["trained_betas"]
+        )
         if c["rescale_betas_zero_snr"]:
             betas = rescale_zero_terminal_snr(betas)
         self.num_train_timesteps: int = c["num_train_timesteps"]
@@ -198,13 +247,15 @@ class DDIMScheduler(SchedulerBase):
         c = self._config
         _check_steps(num_inference_steps, self.num_train_timesteps)
         self.num_inference_steps = num_inference_steps
-        self.timesteps = ddim_timesteps(num_inference_steps, self.num_train_timesteps, c["timestep_spacing"],
-                                        c["steps_offset"]).to(device=device)
+        self.timesteps = ddim_timesteps(
+            num_inference_steps, self.num_train_timesteps, c["timestep_spacing"], c["steps_offset"]
+        ).to(device=device)
         self._alphas = self.alphas_cumprod.to(device=device)  # step() looks ᾱ up on the timesteps' device
         self._final = self.final_alpha_cumprod.to(device=device)
 
-    def step_with_x0(self, model_output: Tensor, t: Tensor | int, x: Tensor, *, eta: float = 0.0,
-                     generator: GeneratorArg = None) -> tuple[Tensor, Tensor]:
+    def step_with_x0(
+        self, model_output: Tensor, t: Tensor | int, x: Tensor, *, eta: float = 0.0, generator: GeneratorArg = None
+    ) -> tuple[Tensor, Tensor]:
         """x_t → (x_{t−T//N}, x0). As in diffusers the previous timestep is t − T//N for every spacing,
         with N the count given to `set_timesteps`; ᾱ_prev is final_alpha_cumprod below 0."""
         if self.num_inference_steps is None:
@@ -217,7 +268,13 @@ class DDIMScheduler(SchedulerBase):
         shape, device, dtype = model_output.shape, model_output.device, model_output.dtype
         noise = randn_tensor(shape, generator, device, dtype) if eta > 0 else None
         return ddim_step(
-            x, model_output, a_t, a_prev, eta, noise, prediction_type=c["prediction_type"],
+            x,
+            model_output,
+            a_t,
+            a_prev,
+            eta,
+            noise,
+            prediction_type=c["prediction_type"],
             clip_sample_range=c["clip_sample_range"] if c["clip_sample"] else None,
             threshold=(c["dynamic_thresholding_ratio"], c["sample_max_value"]) if c["thresholding"] else None,
         )
@@ -271,12 +328,19 @@ class EulerDiscreteScheduler(SchedulerBase):
         c = self._config
         _check_steps(num_inference_steps, self.num_train_timesteps)
         self.num_inference_steps = num_inference_steps
-        timesteps = euler_timesteps(num_inference_steps, self.num_train_timesteps, c["timestep_spacing"],
-                                    c["steps_offset"])
+        timesteps = euler_timesteps(
+            num_inference_steps, self.num_train_timesteps, c["timestep_spacing"], c["steps_offset"]
+        )
         timesteps, self.sigmas = euler_sigmas(
-            self.alphas_cumprod, timesteps, interpolation=c["interpolation_type"], karras=c["use_karras_sigmas"],
-            exponential=c["use_exponential_sigmas"], sigma_min=c["sigma_min"], sigma_max=c["sigma_max"],
-            final_sigmas_type=c["final_sigmas_type"])
+            self.alphas_cumprod,
+            timesteps,
+            interpolation=c["interpolation_type"],
+            karras=c["use_karras_sigmas"],
+            exponential=c["use_exponential_sigmas"],
+            sigma_min=c["sigma_min"],
+            sigma_max=c["sigma_max"],
+            final_sigmas_type=c["final_sigmas_type"],
+        )
         self.timesteps = timesteps.to(device=device)
         self._step_index = self._begin_index = None
 
@@ -285,9 +349,19 @@ class EulerDiscreteScheduler(SchedulerBase):
         sigma = self.sigmas[self._index(t)]
         return x / ((sigma**2 + 1) ** 0.5)
 
-    def step_with_x0(self, model_output: Tensor, t: Tensor | float, x: Tensor, *, eta: float = 0.0,
-                     generator: GeneratorArg = None, s_churn: float = 0.0, s_tmin: float = 0.0,
-                     s_tmax: float = float("inf"), s_noise: float = 1.0) -> tuple[Tensor, Tensor]:
+    def step_with_x0(
+        self,
+        model_output: Tensor,
+        t: Tensor | float,
+        x: Tensor,
+        *,
+        eta: float = 0.0,
+        generator: GeneratorArg = None,
+        s_churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = float("inf"),
+        s_noise: float = 1.0,
+    ) -> tuple[Tensor, Tensor]:
         """x at sigmas[i] → (x at sigmas[i+1], x0). `eta` is accepted for a uniform call and ignored
         (diffusers' Euler has none); `generator` is used only for churn (s_churn > 0)."""
         if isinstance(t, int) or (torch.is_tensor(t) and not torch.is_floating_point(t)):
@@ -299,8 +373,16 @@ class EulerDiscreteScheduler(SchedulerBase):
             gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1)
         shape, device, dtype = model_output.shape, model_output.device, model_output.dtype
         noise = randn_tensor(shape, generator, device, dtype) if gamma > 0 else None
-        out = euler_step(x, model_output, sigma, self.sigmas[i + 1], prediction_type=self._config["prediction_type"],
-                         gamma=gamma, noise=noise, s_noise=s_noise)
+        out = euler_step(
+            x,
+            model_output,
+            sigma,
+            self.sigmas[i + 1],
+            prediction_type=self._config["prediction_type"],
+            gamma=gamma,
+            noise=noise,
+            s_noise=s_noise,
+        )
         self._step_index = i + 1
         return out
 
@@ -336,15 +418,28 @@ class DPMSolverMultistepScheduler(SchedulerBase):
         _check_choice("prediction_type", c["prediction_type"], ("epsilon", "sample", "v_prediction"))
         _check_choice("timestep_spacing", c["timestep_spacing"], ("linspace", "leading", "trailing"))
         _check_choice("final_sigmas_type", c["final_sigmas_type"], ("zero", "sigma_min"))
-        unsupported = [k for k in ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas",
-                                   "use_dynamic_shifting", "variance_type") if c[k]]
+        unsupported = [
+            k
+            for k in (
+                "use_exponential_sigmas",
+                "use_beta_sigmas",
+                "use_lu_lambdas",
+                "use_flow_sigmas",
+                "use_dynamic_shifting",
+                "variance_type",
+            )
+            if c[k]
+        ]
         if c["solver_order"] not in (1, 2) or c["lambda_min_clipped"] != -math.inf or unsupported:
-            raise ValueError(f"unsupported DPMSolverMultistepScheduler options: solver_order={c['solver_order']}, "
-                             f"lambda_min_clipped={c['lambda_min_clipped']}, {unsupported}")
+            raise ValueError(
+                f"unsupported DPMSolverMultistepScheduler options: solver_order={c['solver_order']}, "
+                f"lambda_min_clipped={c['lambda_min_clipped']}, {unsupported}"
+            )
         if c["rescale_betas_zero_snr"]:
             self.alphas_cumprod[-1] = 2**-24  # keep σ_{T−1} finite
-        self.timesteps = torch.from_numpy(np.linspace(0, self.num_train_timesteps - 1, self.num_train_timesteps,
-                                                      dtype=np.float32)[::-1].copy())
+        self.timesteps = torch.from_numpy(
+            np.linspace(0, self.num_train_timesteps - 1, self.num_train_timesteps, dtype=np.float32)[::-1].copy()
+        )
         self.sigmas = train_sigmas(self.alphas_cumprod)
         self._x0_prev: Tensor | None = None
 
@@ -352,30 +447,45 @@ class DPMSolverMultistepScheduler(SchedulerBase):
         """Sets timesteps (int64, on `device`) and sigmas (float32, CPU); clears the indices and the history."""
         c = self._config
         _check_steps(num_inference_steps, self.num_train_timesteps)
-        timesteps = dpm_timesteps(num_inference_steps, self.num_train_timesteps, c["timestep_spacing"],
-                                  c["steps_offset"])
+        timesteps = dpm_timesteps(
+            num_inference_steps, self.num_train_timesteps, c["timestep_spacing"], c["steps_offset"]
+        )
         timesteps, self.sigmas = dpm_sigmas(
-            self.alphas_cumprod, timesteps, num_inference_steps, karras=c["use_karras_sigmas"],
-            round_timesteps=c["beta_schedule"] != "squaredcos_cap_v2", final_sigmas_type=c["final_sigmas_type"])
+            self.alphas_cumprod,
+            timesteps,
+            num_inference_steps,
+            karras=c["use_karras_sigmas"],
+            round_timesteps=c["beta_schedule"] != "squaredcos_cap_v2",
+            final_sigmas_type=c["final_sigmas_type"],
+        )
         self.timesteps = timesteps.to(device=device)
         self.num_inference_steps = len(timesteps)
         self._step_index = self._begin_index = self._x0_prev = None
 
-    def step_with_x0(self, model_output: Tensor, t: Tensor | int, x: Tensor, *, eta: float = 0.0,
-                     generator: GeneratorArg = None) -> tuple[Tensor, Tensor]:
+    def step_with_x0(
+        self, model_output: Tensor, t: Tensor | int, x: Tensor, *, eta: float = 0.0, generator: GeneratorArg = None
+    ) -> tuple[Tensor, Tensor]:
         """x at sigmas[i] → (x at sigmas[i+1], x0). Deterministic: `eta` and `generator` are accepted for
         a uniform call and ignored."""
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps before step")
         c = self._config
         i, n = self._index(t), len(self.timesteps)
-        last_first_order = i == n - 1 and (c["euler_at_final"] or (c["lower_order_final"] and n < 15)
-                                           or c["final_sigmas_type"] == "zero")
+        last_first_order = i == n - 1 and (
+            c["euler_at_final"] or (c["lower_order_final"] and n < 15) or c["final_sigmas_type"] == "zero"
+        )
         second = c["solver_order"] == 2 and self._x0_prev is not None and not last_first_order
         x_next, x0 = dpmpp_2m_step(
-            x, model_output, self.sigmas[i], self.sigmas[i + 1], self.sigmas[i - 1] if second else None,
-            self._x0_prev if second else None, prediction_type=c["prediction_type"], solver_type=c["solver_type"],
-            threshold=(c["dynamic_thresholding_ratio"], c["sample_max_value"]) if c["thresholding"] else None)
+            x,
+            model_output,
+            self.sigmas[i],
+            self.sigmas[i + 1],
+            self.sigmas[i - 1] if second else None,
+            self._x0_prev if second else None,
+            prediction_type=c["prediction_type"],
+            solver_type=c["solver_type"],
+            threshold=(c["dynamic_thresholding_ratio"], c["sample_max_value"]) if c["thresholding"] else None,
+        )
         self._x0_prev, self._step_index = x0, i + 1
         return x_next, x0
 

@@ -25,14 +25,28 @@ from torch import nn
 
 from pia_torch import hub
 from pia_torch.config import PIA_MOTION, MotionConfig, UNetConfig, VAEConfig
-from pia_torch.loading import (CheckpointError, MotionAdapter, StateDict, check_frame_tables, component_pattern,
-                               load_scheduler, build_unet, build_vae, diffusers_names, load_table, load_vae,
-                               logger, read_config, read_file, remap)
+from pia_torch.loading import (
+    CheckpointError,
+    MotionAdapter,
+    StateDict,
+    build_unet,
+    build_vae,
+    check_frame_tables,
+    component_pattern,
+    diffusers_names,
+    load_scheduler,
+    load_table,
+    load_vae,
+    logger,
+    read_config,
+    read_file,
+    remap,
+)
 from pia_torch.models.unet import UNet
 from pia_torch.models.vae import AutoencoderKL
 
 SD15_CONFIGS = resources.files("pia_torch") / "configs" / "sd15"  # unet/, vae/, text_encoder/, scheduler/
-TOKENIZER = "openai/clip-vit-large-patch14"                       # SD1.5's CLIP tokenizer on the Hub
+TOKENIZER = "openai/clip-vit-large-patch14"  # SD1.5's CLIP tokenizer on the Hub
 TOKENIZER_FILES = ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"]
 
 
@@ -56,8 +70,11 @@ def ldm_path(component: str, key: str, unet: UNetConfig | None = None) -> str:
     m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)", key)
     if m is None:
         mid = re.fullmatch(r"(mid_block\.resnets\.\d+)\.(.+)", key)
-        return _rename(table["unet"], mid[1]) + "." + _rename(table["resnet"], mid[2]) if mid else \
-            _rename(table["unet"], key)
+        return (
+            _rename(table["unet"], mid[1]) + "." + _rename(table["resnet"], mid[2])
+            if mid
+            else _rename(table["unet"], key)
+        )
     side, b, kind, j, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
     n = unet.layers_per_block + 1
     if kind == "resnets":
@@ -86,14 +103,19 @@ def split_components(sd: StateDict) -> dict[str, StateDict]:
             other.add(key.split(".")[0])
             continue
         component = next(c for p, c, _ in table["components"] if p == prefix)
-        parts[component][key[len(prefix):].removeprefix("text_model.")] = tensor
+        parts[component][key[len(prefix) :].removeprefix("text_model.")] = tensor
     if other:
         logger.info("ignored keys that belong to no model, with the prefixes: %s", ", ".join(sorted(other)))
     return parts
 
 
-def from_ldm(sd: StateDict, component: str, expected: dict[str, tuple[int, ...]], unet: UNetConfig | None = None,
-             source: str = "checkpoint") -> StateDict:
+def from_ldm(
+    sd: StateDict,
+    component: str,
+    expected: dict[str, tuple[int, ...]],
+    unet: UNetConfig | None = None,
+    source: str = "checkpoint",
+) -> StateDict:
     """LDM-named tensors of one component -> the diffusers names in `expected` ({name: shape}). Every
     expected key must be present and every tensor used: one CheckpointError lists what is not. LDM's
     1x1-conv VAE attention weights are reshaped to Linear ones by the table's "squeeze" rule."""
@@ -105,12 +127,13 @@ def from_ldm(sd: StateDict, component: str, expected: dict[str, tuple[int, ...]]
             unexpected.append(key)
             continue
         if any(p.search(key) for p in squeeze) and tensor.ndim == 4 and tensor.shape[2:] == (1, 1):
-            tensor = tensor.flatten(1)                            # (c, c, 1, 1) -> (c, c)
+            tensor = tensor.flatten(1)  # (c, c, 1, 1) -> (c, c)
         out[names[key]] = tensor
     missing = [ldm for ldm, key in names.items() if key not in out]
     if missing or unexpected:
-        raise CheckpointError(f"{source}: the {component} does not match the LDM layout of its config",
-                              missing, unexpected)
+        raise CheckpointError(
+            f"{source}: the {component} does not match the LDM layout of its config", missing, unexpected
+        )
     return out
 
 
@@ -120,8 +143,9 @@ def _expected(model_cls: type[nn.Module], config) -> dict[str, tuple[int, ...]]:
         return {k: tuple(t.shape) for k, t in diffusers_names(model_cls(config).state_dict()).items()}
 
 
-def load_vae_file(path: str | Path, config_dict: dict | None = None, torch_dtype: torch.dtype | None = None
-                  ) -> AutoencoderKL:
+def load_vae_file(
+    path: str | Path, config_dict: dict | None = None, torch_dtype: torch.dtype | None = None
+) -> AutoencoderKL:
     """A separate VAE as one file: LDM layout (a vae-ft-mse-840000 style file, bare or under
     `first_stage_model.` / `vae.`) or diffusers names. config_dict: the VAE's config.json (SD1.5's if None)."""
     config_dict = config_dict or json.loads((SD15_CONFIGS / "vae" / "config.json").read_text())
@@ -134,8 +158,7 @@ def load_vae_file(path: str | Path, config_dict: dict | None = None, torch_dtype
     return build_vae(config_dict, sd, torch_dtype=torch_dtype, source=str(path))
 
 
-def load_any_vae(vae: str | Path | AutoencoderKL, dtype: torch.dtype, config_dict: dict | None = None
-                 ) -> AutoencoderKL:
+def load_any_vae(vae: str | Path | AutoencoderKL, dtype: torch.dtype, config_dict: dict | None = None) -> AutoencoderKL:
     """vae=: a model, a diffusers folder or one file (LDM or diffusers names; config_dict: SD1.5's if None)."""
     if isinstance(vae, AutoencoderKL):
         return vae.to(dtype)
@@ -164,9 +187,15 @@ def _tokenizer(root: Path):
         ) from e
 
 
-def load_single_file_components(path: str | Path, motion_adapter: MotionAdapter, config: str | Path | None = None,
-                                vae: str | Path | AutoencoderKL | None = None, torch_dtype: torch.dtype | None = None,
-                                convention: str = "original", conv_in: str = "base") -> dict:
+def load_single_file_components(
+    path: str | Path,
+    motion_adapter: MotionAdapter,
+    config: str | Path | None = None,
+    vae: str | Path | AutoencoderKL | None = None,
+    torch_dtype: torch.dtype | None = None,
+    convention: str = "original",
+    conv_in: str = "base",
+) -> dict:
     """PIAPipeline's components from one LDM-layout SD1.x checkpoint (.safetensors; .ckpt/.pt/.pth read with
     torch.load(weights_only=True)) + a PIA motion adapter. The component configs are SD1.5's (shipped in
     pia_torch/configs/sd15), or those of `config` (a diffusers folder or Hub id, e.g. for other widths).
@@ -178,14 +207,16 @@ def load_single_file_components(path: str | Path, motion_adapter: MotionAdapter,
     unet_dict = read_config(root / "unet", "UNet2DConditionModel")
     base = UNetConfig.from_diffusers(unet_dict)
     unet_sd = from_ldm(parts["unet"], "unet", _expected(UNet, base), base, source)
-    unet = build_unet(unet_dict, unet_sd, motion_adapter, convention=convention, torch_dtype=dtype, source=source,
-                      conv_in=conv_in)
+    unet = build_unet(
+        unet_dict, unet_sd, motion_adapter, convention=convention, torch_dtype=dtype, source=source, conv_in=conv_in
+    )
     vae_dict = read_config(root / "vae", "AutoencoderKL")
     if vae is not None:
         vae = load_any_vae(vae, dtype, vae_dict)
     elif parts["vae"]:
-        vae_sd = from_ldm(parts["vae"], "vae", _expected(AutoencoderKL, VAEConfig.from_diffusers(vae_dict)),
-                          source=source)
+        vae_sd = from_ldm(
+            parts["vae"], "vae", _expected(AutoencoderKL, VAEConfig.from_diffusers(vae_dict)), source=source
+        )
         vae = build_vae(vae_dict, vae_sd, torch_dtype=dtype, source=source)
     else:
         raise ValueError(f"{source} holds no VAE (no first_stage_model.* keys): pass vae= a VAE file or folder")
@@ -194,11 +225,20 @@ def load_single_file_components(path: str | Path, motion_adapter: MotionAdapter,
     text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(root / "text_encoder"))
     own = text_encoder.state_dict()
     prefix = "text_model." if any(k.startswith("text_model.") for k in own) else ""  # transformers 4.x / 5.x
-    text_sd = from_ldm(parts["text_encoder"], "text_encoder", {k.removeprefix(prefix): tuple(t.shape)
-                                                               for k, t in own.items()}, source=source)
+    text_sd = from_ldm(
+        parts["text_encoder"],
+        "text_encoder",
+        {k.removeprefix(prefix): tuple(t.shape) for k, t in own.items()},
+        source=source,
+    )
     text_encoder.load_state_dict({prefix + k: t for k, t in text_sd.items()}, strict=True)
-    return {"vae": vae, "text_encoder": text_encoder.to(dtype).eval(), "tokenizer": _tokenizer(root), "unet": unet,
-            "scheduler": load_scheduler(root / "scheduler")}
+    return {
+        "vae": vae,
+        "text_encoder": text_encoder.to(dtype).eval(),
+        "tokenizer": _tokenizer(root),
+        "unet": unet,
+        "scheduler": load_scheduler(root / "scheduler"),
+    }
 
 
 def infer_motion_config(sd: StateDict) -> MotionConfig:
@@ -213,11 +253,16 @@ def infer_motion_config(sd: StateDict) -> MotionConfig:
         raise CheckpointError("no AnimateDiff motion modules (down_blocks.*.motion_modules.*.temporal_transformer)")
     n, pe = len(widths), next((t for k, t in sd.items() if k.endswith("pos_encoder.pe")), None)
     conv_in = sd.get("conv_in.weight")
-    return replace(PIA_MOTION, block_out_channels=tuple(widths[i] for i in range(n)),
-                   layers_per_block=tuple(counts[i] for i in range(n)), num_attention_heads=(8,) * n,
-                   transformer_layers_per_block=(1,) * n, max_seq_length=pe.shape[-2] if pe is not None else 32,
-                   use_mid_block=any(k.startswith("mid_block.motion_modules.") for k in sd),
-                   conv_in_channels=conv_in.shape[1] if conv_in is not None else None)
+    return replace(
+        PIA_MOTION,
+        block_out_channels=tuple(widths[i] for i in range(n)),
+        layers_per_block=tuple(counts[i] for i in range(n)),
+        num_attention_heads=(8,) * n,
+        transformer_layers_per_block=(1,) * n,
+        max_seq_length=pe.shape[-2] if pe is not None else 32,
+        use_mid_block=any(k.startswith("mid_block.motion_modules.") for k in sd),
+        conv_in_channels=conv_in.shape[1] if conv_in is not None else None,
+    )
 
 
 def read_pia_ckpt(path: str | Path, config: MotionConfig | None = None) -> MotionAdapter:
@@ -229,22 +274,41 @@ def read_pia_ckpt(path: str | Path, config: MotionConfig | None = None) -> Motio
     config = config or infer_motion_config(sd)
     motion = {k: t for k, t in sd.items() if ".motion_modules." in k or k.startswith("conv_in.")}
     if len(motion) < len(sd):
-        logger.info("%s: %d keys outside the motion modules and conv_in (the UNet's own) are not used",
-                    path, len(sd) - len(motion))
+        logger.info(
+            "%s: %d keys outside the motion modules and conv_in (the UNet's own) are not used",
+            path,
+            len(sd) - len(motion),
+        )
     renamed, ignored = remap(motion, "pia_ckpt")
     ignored = remap(ignored, {"rename": load_table("pia_ckpt")["rename"], "ignore": []})[0]  # named as the rest
     n = len(config.block_out_channels)
     with torch.device("meta"):  # a UNet without spatial attention carries exactly the adapter's keys
-        model = UNet(UNetConfig(
-            in_channels=config.conv_in_channels or 4, out_channels=4, block_out_channels=config.block_out_channels,
-            cross_attention=(False,) * n, layers_per_block=config.layers_per_block[0], cross_attention_dim=8,
-            num_attention_heads=(1,) * n, norm_num_groups=config.norm_num_groups, norm_eps=1e-5, sample_size=None,
-            motion=config))
-    expected = {k: t for k, t in diffusers_names(model.state_dict()).items()
-                if ".motion_modules." in k or (config.conv_in_channels and k.startswith("conv_in."))}
+        model = UNet(
+            UNetConfig(
+                in_channels=config.conv_in_channels or 4,
+                out_channels=4,
+                block_out_channels=config.block_out_channels,
+                cross_attention=(False,) * n,
+                layers_per_block=config.layers_per_block[0],
+                cross_attention_dim=8,
+                num_attention_heads=(1,) * n,
+                norm_num_groups=config.norm_num_groups,
+                norm_eps=1e-5,
+                sample_size=None,
+                motion=config,
+            )
+        )
+    expected = {
+        k: t
+        for k, t in diffusers_names(model.state_dict()).items()
+        if ".motion_modules." in k or (config.conv_in_channels and k.startswith("conv_in."))
+    }
     unexpected, wrong = check_frame_tables(ignored, renamed, config)
-    wrong += [f"{k}: checkpoint {tuple(renamed[k].shape)}, model {tuple(t.shape)}"
-              for k, t in expected.items() if k in renamed and renamed[k].shape != t.shape]
+    wrong += [
+        f"{k}: checkpoint {tuple(renamed[k].shape)}, model {tuple(t.shape)}"
+        for k, t in expected.items()
+        if k in renamed and renamed[k].shape != t.shape
+    ]
     missing, unexpected = expected.keys() - renamed.keys(), [*unexpected, *(renamed.keys() - expected.keys())]
     if missing or unexpected or wrong:
         raise CheckpointError(f"{path}: not a PIA checkpoint for this motion config", missing, unexpected, wrong)

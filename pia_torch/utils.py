@@ -92,8 +92,7 @@ def export_to_gif(frames: Frames, path: str | Path | None = None, fps: int = 8) 
     images = [Image.fromarray(f) for f in _uint8_frames(frames)]
     target = _target(path, ".gif")
     with atomic_path(target) as tmp:
-        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
-                       duration=round(1000 / fps), loop=0)
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
     return str(target)
 
 
@@ -107,8 +106,9 @@ def export_to_video(frames: Frames, path: str | Path | None = None, fps: int = 8
     video = _uint8_frames(frames)
     target = _target(path, ".mp4")
     with atomic_path(target) as tmp:
-        with imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
-                                macro_block_size=2, ffmpeg_log_level="error") as writer:
+        with imageio.get_writer(
+            tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", macro_block_size=2, ffmpeg_log_level="error"
+        ) as writer:
             for frame in video:
                 writer.append_data(frame)
     return str(target)
@@ -119,6 +119,7 @@ def export_to_webp(frames: Frames, path: str | Path | None = None, fps: int = 8)
     images = [Image.fromarray(f) for f in _uint8_frames(frames)]
     target = _target(path, ".webp")
     with atomic_path(target) as tmp:
-        images[0].save(tmp, format="WEBP", save_all=True, append_images=images[1:],
-                       duration=round(1000 / fps), loop=0, quality=90)
+        images[0].save(
+            tmp, format="WEBP", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0, quality=90
+        )
     return str(target)

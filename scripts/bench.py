@@ -35,14 +35,30 @@ def reference_models(size: str) -> tuple[UNet2DConditionModel, RefAdapter, RefVA
     widths, text_dim, vae_widths = SIZES[size]
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        block_out_channels=widths, layers_per_block=2, cross_attention_dim=text_dim, attention_head_dim=8,
+        block_out_channels=widths,
+        layers_per_block=2,
+        cross_attention_dim=text_dim,
+        attention_head_dim=8,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, sample_size=64,
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        sample_size=64,
     )
-    adapter = RefAdapter(block_out_channels=widths, motion_layers_per_block=2, motion_num_attention_heads=8,
-                         conv_in_channels=9, use_motion_mid_block=False, motion_max_seq_length=32)
-    vae = RefVAE(block_out_channels=vae_widths, down_block_types=("DownEncoderBlock2D",) * 4,
-                 up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512)
+    adapter = RefAdapter(
+        block_out_channels=widths,
+        motion_layers_per_block=2,
+        motion_num_attention_heads=8,
+        conv_in_channels=9,
+        use_motion_mid_block=False,
+        motion_max_seq_length=32,
+    )
+    vae = RefVAE(
+        block_out_channels=vae_widths,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+    )
     return unet, adapter, vae
 
 
@@ -65,8 +81,10 @@ def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple
 
 def report(name: str, ours: tuple[float, float | None], ref: tuple[float, float | None]) -> None:
     memory = f"   peak {ours[1]:.2f} vs {ref[1]:.2f} GiB" if ours[1] is not None else ""
-    print(f"{name:34s} pia_torch {ours[0] * 1e3:9.1f} ms   diffusers {ref[0] * 1e3:9.1f} ms   "
-          f"speed-up x{ref[0] / ours[0]:.2f}{memory}")
+    print(
+        f"{name:34s} pia_torch {ours[0] * 1e3:9.1f} ms   diffusers {ref[0] * 1e3:9.1f} ms   "
+        f"speed-up x{ref[0] / ours[0]:.2f}{memory}"
+    )
 
 
 @torch.inference_mode()
@@ -85,8 +103,10 @@ def main() -> None:
     unet2d, ref_adapter, ref_vae = reference_models(args.size)
     adapter = MotionAdapter(MotionConfig.from_diffusers(dict(ref_adapter.config)), ref_adapter.state_dict())
     kw = dict(torch_dtype=dtype, device=device)
-    ours = {c: build_unet(dict(unet2d.config), unet2d.state_dict(), adapter, convention=c, **kw)
-            for c in ("diffusers", "original")}
+    ours = {
+        c: build_unet(dict(unet2d.config), unet2d.state_dict(), adapter, convention=c, **kw)
+        for c in ("diffusers", "original")
+    }
     vae = build_vae(dict(ref_vae.config), ref_vae.state_dict(), **kw)
     ref_unet = UNetMotionModel.from_unet2d(unet2d, ref_adapter).to(device, dtype).eval()
     ref_vae = ref_vae.to(device, dtype).eval()
@@ -105,7 +125,7 @@ def main() -> None:
 
     ref = timed(lambda: ref_unet(x, t, text.repeat_interleave(f, dim=0)).sample, args.repeats, device)
     for convention, unet in ours.items():
-        report(f"UNet forward ({convention})", timed(lambda: unet(x, t, text), args.repeats, device), ref)
+        report(f"UNet forward ({convention})", timed(lambda unet=unet: unet(x, t, text), args.repeats, device), ref)
     ref = timed(lambda: ref_vae.decode(z).sample, args.repeats, device)
     report(f"VAE decode ({f} frames)", timed(lambda: vae.decode(z), args.repeats, device), ref)
 

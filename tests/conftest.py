@@ -41,9 +41,9 @@ from pia_torch.pipeline import PIAPipeline
 #
 # DESIGN.md §5 fixes upper bounds (the contract) for pia_torch vs diffusers; a test may assert a tighter
 # bound derived from rounding, never a looser one.
-MODEL_ATOL = 1e-4                      # blocks, UNet, VAE encode/decode (outputs of scale ~1)
+MODEL_ATOL = 1e-4  # blocks, UNet, VAE encode/decode (outputs of scale ~1)
 STEP_TOL = dict(atol=1e-6, rtol=1e-6)  # scheduler steps, FreeInit filters: ≈ 8 float32 ulps of each value
-FRAMES_ATOL = 1e-3                     # the whole pipeline, output_type="np" (frames in [0, 1])
+FRAMES_ATOL = 1e-3  # the whole pipeline, output_type="np" (frames in [0, 1])
 
 
 def fan_in(module: torch.nn.Module) -> int:
@@ -53,8 +53,9 @@ def fan_in(module: torch.nn.Module) -> int:
     return sum(m.weight[0].numel() for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
 
 
-def tol(reference: torch.Tensor | np.ndarray, depth: int = 1, *, ulps: float = 2,
-        dtype: torch.dtype = torch.float32) -> dict:
+def tol(
+    reference: torch.Tensor | np.ndarray, depth: int = 1, *, ulps: float = 2, dtype: torch.dtype = torch.float32
+) -> dict:
     """assert_close(**tol(...)) / assert_allclose(**tol(...)) for a result that may differ from `reference`
     by rounding only:
 
@@ -78,39 +79,69 @@ def tol(reference: torch.Tensor | np.ndarray, depth: int = 1, *, ulps: float = 2
 # mid block, max_seq_length 32) at 1/10 of the width.
 UNET2D = {
     "tiny": dict(
-        block_out_channels=(8, 8), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+        block_out_channels=(8, 8),
+        layers_per_block=2,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8, norm_num_groups=2,
+        cross_attention_dim=8,
+        norm_num_groups=2,
     ),
     "small": dict(
-        block_out_channels=(32, 64, 128, 128), layers_per_block=2, sample_size=8, in_channels=4,
-        out_channels=4, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        block_out_channels=(32, 64, 128, 128),
+        layers_per_block=2,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=32, norm_num_groups=32, attention_head_dim=8,
+        cross_attention_dim=32,
+        norm_num_groups=32,
+        attention_head_dim=8,
     ),
 }
 ADAPTER = {
     "tiny": dict(
-        block_out_channels=(8, 8), motion_layers_per_block=2, motion_norm_num_groups=2,
-        motion_num_attention_heads=4, conv_in_channels=9,
+        block_out_channels=(8, 8),
+        motion_layers_per_block=2,
+        motion_norm_num_groups=2,
+        motion_num_attention_heads=4,
+        conv_in_channels=9,
     ),
     "small": dict(
-        block_out_channels=(32, 64, 128, 128), motion_layers_per_block=2, motion_norm_num_groups=32,
-        motion_num_attention_heads=8, conv_in_channels=9, use_motion_mid_block=False,
+        block_out_channels=(32, 64, 128, 128),
+        motion_layers_per_block=2,
+        motion_norm_num_groups=32,
+        motion_num_attention_heads=8,
+        conv_in_channels=9,
+        use_motion_mid_block=False,
         motion_max_seq_length=32,
     ),
 }
 VAE = {
     "tiny": dict(
-        block_out_channels=(8, 8), in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=2, layers_per_block=1, sample_size=16,
+        block_out_channels=(8, 8),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=2,
+        layers_per_block=1,
+        sample_size=16,
     ),
     "small": dict(
-        block_out_channels=(32, 64, 64, 64), in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=32, layers_per_block=2, sample_size=64,
+        block_out_channels=(32, 64, 64, 64),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=32,
+        layers_per_block=2,
+        sample_size=64,
     ),
 }
 
@@ -177,8 +208,13 @@ def checkpoints(tmp_path_factory):
 # ------------------------------------------------------------------------------------------ blocks
 
 # CONTRACT renames, matched on whole components (a standalone FeedForward's keys start at `net.`).
-BLOCK_RENAMES = [(".to_out.0.", ".to_out."), (".net.0.proj.", ".proj_in."), (".net.2.", ".proj_out."),
-                 (".downsamplers.0.", ".downsample."), (".upsamplers.0.", ".upsample.")]
+BLOCK_RENAMES = [
+    (".to_out.0.", ".to_out."),
+    (".net.0.proj.", ".proj_in."),
+    (".net.2.", ".proj_out."),
+    (".downsamplers.0.", ".downsample."),
+    (".upsamplers.0.", ".upsample."),
+]
 
 
 def copy_from_diffusers(module: torch.nn.Module, ref: torch.nn.Module) -> torch.nn.Module:
@@ -196,6 +232,7 @@ def copy_from_diffusers(module: torch.nn.Module, ref: torch.nn.Module) -> torch.
 
 
 # ------------------------------------------------------------------------------------------ UNet
+
 
 @functools.cache
 def reference_unet(size: str) -> UNetMotionModel:
@@ -221,17 +258,35 @@ def inputs(size: str, b: int, f: int, hw: tuple[int, int] = (8, 8), seed: int = 
 # spec/unet_motion.md §1.4: the tiny DDIM of diffusers' PIA fast test
 TINY_DDIM = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False)
 # A runwayml-era SD1.5 scheduler_config.json (spec/schedulers.md §3.1)
-SD15_PNDM = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
-             "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
-             "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
-             "clip_sample": False}
+SD15_PNDM = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
 
 
 def make_text_encoder(seed: int = 30) -> CLIPTextModel:
     """spec/unet_motion.md §1.4's tiny CLIP text tower (hidden 8 = the tiny UNet's cross_attention_dim)."""
     torch.manual_seed(seed)
-    config = CLIPTextConfig(hidden_size=8, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
-                            vocab_size=1000, layer_norm_eps=1e-5, bos_token_id=527, eos_token_id=528, pad_token_id=528)
+    config = CLIPTextConfig(
+        hidden_size=8,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        vocab_size=1000,
+        layer_norm_eps=1e-5,
+        bos_token_id=527,
+        eos_token_id=528,
+        pad_token_id=528,
+    )
     return randomize_(CLIPTextModel(config).eval(), seed + 1)
 
 
@@ -247,10 +302,15 @@ def save_base(root: Path, scheduler_config: dict | None = None) -> Path:
         (root / "scheduler").mkdir()
         (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config))
     scheduler_class = json.loads((root / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-             "scheduler": ["diffusers", scheduler_class],
-             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
     (root / "model_index.json").write_text(json.dumps(index))
     return root
 
@@ -277,10 +337,13 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 def reference(folders) -> diffusers.PIAPipeline:
     """diffusers' PIAPipeline on the same weights."""
     pipe = diffusers.PIAPipeline(
-        vae=make_vae("tiny"), text_encoder=make_text_encoder(),
-        tokenizer=CLIPTokenizer.from_pretrained(ASSETS / "tokenizer"), unet=make_unet2d("tiny"),
+        vae=make_vae("tiny"),
+        text_encoder=make_text_encoder(),
+        tokenizer=CLIPTokenizer.from_pretrained(ASSETS / "tokenizer"),
+        unet=make_unet2d("tiny"),
         motion_adapter=diffusers.MotionAdapter.from_pretrained(folders["adapter"]),
-        scheduler=diffusers.DDIMScheduler(**TINY_DDIM))
+        scheduler=diffusers.DDIMScheduler(**TINY_DDIM),
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

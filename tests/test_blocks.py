@@ -118,9 +118,15 @@ def test_spatial_transformer_per_frame_and_shared_text():
 def test_motion_module(frames):
     c, heads, groups = 32, 4, 8
     ref = _ref(
-        AnimateDiffTransformer3D, num_attention_heads=heads, attention_head_dim=c // heads, in_channels=c,
-        norm_num_groups=groups, positional_embeddings="sinusoidal", num_positional_embeddings=24,
-        double_self_attention=True, activation_fn="geglu",
+        AnimateDiffTransformer3D,
+        num_attention_heads=heads,
+        attention_head_dim=c // heads,
+        in_channels=c,
+        norm_num_groups=groups,
+        positional_embeddings="sinusoidal",
+        num_positional_embeddings=24,
+        double_self_attention=True,
+        activation_fn="geglu",
     )
     block = TemporalTransformer(c, heads=heads, groups=groups, max_seq_length=24, norm_over_frames=True)
     copy_from_diffusers(block, ref)

@@ -38,8 +38,11 @@ def no_loading(monkeypatch, request):
     import pia_torch.demo
 
     loads: list[str] = []
-    for owner, name in [(pia_torch.demo, "tiny_pipeline"), (cli.MotionAdapter, "from_pretrained"),
-                        (cli.PIAPipeline, "from_pretrained")]:
+    for owner, name in [
+        (pia_torch.demo, "tiny_pipeline"),
+        (cli.MotionAdapter, "from_pretrained"),
+        (cli.PIAPipeline, "from_pretrained"),
+    ]:
         original = getattr(owner, name)
 
         def spy(*args, _original=original, _name=name, **kwargs):
@@ -72,6 +75,7 @@ def frame_sizes(path: Path) -> tuple[int, tuple[int, int]]:
 
 # --------------------------------------------------------------------------------------------- demo
 
+
 @pytest.mark.parametrize("convention, ext", [("original", ".webp"), ("diffusers", ".mp4")])
 def test_demo(tmp_path, capsys, convention, ext):
     """The original convention runs with the demo defaults, the diffusers one with 2 frames and 1 step."""
@@ -96,10 +100,34 @@ def test_demo_options_apply(tmp_path, capsys):
     out = tmp_path / "x.gif"
     image = tmp_path / "wide.png"
     Image.new("RGB", (100, 60), (200, 30, 60)).save(image)
-    info, err = run_ok(["--demo", "--image", str(image), "--frames", "3", "--steps", "2", "--seed", "7",
-                        "--scheduler", "euler", "--free-init", "gaussian", "--motion-scale", "2",
-                        "--strength", "0.5", "--negative-prompt", "", "--prompt", "waves", "--out", str(out)],
-                       capsys)
+    info, err = run_ok(
+        [
+            "--demo",
+            "--image",
+            str(image),
+            "--frames",
+            "3",
+            "--steps",
+            "2",
+            "--seed",
+            "7",
+            "--scheduler",
+            "euler",
+            "--free-init",
+            "gaussian",
+            "--motion-scale",
+            "2",
+            "--strength",
+            "0.5",
+            "--negative-prompt",
+            "",
+            "--prompt",
+            "waves",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     p = info["params"]
     assert (p["frames"], p["steps"], p["seed"], p["prompt"], p["negative_prompt"]) == (3, 2, 7, "waves", "")
     assert (p["scheduler"], p["free_init"], p["motion_scale"], p["strength"]) == ("euler", "gaussian", 2, 0.5)
@@ -113,8 +141,14 @@ def test_script_subprocess(tmp_path):
     """The file runs as a script, offline, from any working directory."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)
-    r = subprocess.run([sys.executable, str(SCRIPT), "--demo", *FAST, "--out", "tmp/x.gif"], cwd=tmp_path,
-                       env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(SCRIPT), "--demo", *FAST, "--out", "tmp/x.gif"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert frame_sizes(tmp_path / "tmp" / "x.gif") == (2, (64, 64))
     info = json.loads((tmp_path / "tmp" / "x.json").read_text())
@@ -124,19 +158,38 @@ def test_script_subprocess(tmp_path):
 def test_installed_wheel_entry_point(tmp_path):
     """The built wheel, installed in a fresh venv (dependencies from this environment), gives a working
     `pia-torch` command that imports pia_torch from the venv, not from the checkout."""
-    subprocess.run([sys.executable, "-m", "hatchling", "build", "-t", "wheel", "-d", str(tmp_path / "dist")],
-                   cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "hatchling", "build", "-t", "wheel", "-d", str(tmp_path / "dist")],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = (tmp_path / "dist").glob("pia_torch-*.whl")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    subprocess.run([venv / "bin" / "python", "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
-                    str(wheel)], check=True, capture_output=True)
+    subprocess.run(
+        [venv / "bin" / "python", "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)],
+        check=True,
+        capture_output=True,
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
-    where = subprocess.run([venv / "bin" / "python", "-c", "import pia_torch; print(pia_torch.__file__)"],
-                           cwd=tmp_path, env=env, check=True, capture_output=True, text=True).stdout
+    where = subprocess.run(
+        [venv / "bin" / "python", "-c", "import pia_torch; print(pia_torch.__file__)"],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert where.startswith(str(venv)), where
-    r = subprocess.run([venv / "bin" / "pia-torch", "--demo", *FAST, "--out", "out/x.gif"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [venv / "bin" / "pia-torch", "--demo", *FAST, "--out", "out/x.gif"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert frame_sizes(tmp_path / "out" / "x.gif") == (2, (64, 64))
     assert json.loads((tmp_path / "out" / "x.json").read_text())["command"].startswith("pia-torch --demo")
@@ -144,13 +197,13 @@ def test_installed_wheel_entry_point(tmp_path):
 
 def test_explicit_size(tmp_path, capsys):
     out = tmp_path / "x.gif"
-    info, _ = run_ok(["--demo", *FAST, "--height", "48", "--width", "80", "--dtype", "bf16", "--out", str(out)],
-                     capsys)
+    info, _ = run_ok(["--demo", *FAST, "--height", "48", "--width", "80", "--dtype", "bf16", "--out", str(out)], capsys)
     assert (info["params"]["height"], info["params"]["width"], info["params"]["dtype"]) == (48, 80, "bf16")
     assert frame_sizes(out) == (2, (80, 48))
 
 
 # --------------------------------------------------------------------------------------------- defaults
+
 
 def test_default_scheduler_is_the_original_ddim(monkeypatch):
     """Whatever scheduler the base folder holds, the CLI samples with the original PIA DDIM."""
@@ -170,7 +223,11 @@ def test_default_scheduler_is_the_original_ddim(monkeypatch):
     assert isinstance(scheduler, DDIMScheduler)
     c = scheduler.config
     assert (c["beta_schedule"], c["beta_start"], c["beta_end"], c["num_train_timesteps"]) == (
-        "linear", 0.00085, 0.012, 1000)
+        "linear",
+        0.00085,
+        0.012,
+        1000,
+    )
     assert (c["steps_offset"], c["clip_sample"], c["set_alpha_to_one"]) == (1, False, True)
     assert (c["timestep_spacing"], c["prediction_type"]) == ("leading", "epsilon")
     scheduler.set_timesteps(25)
@@ -201,12 +258,26 @@ def sd15_folder(root: Path, checkpoints) -> Path:
         shutil.copytree(ckpt[name], root / name)
     shutil.copytree(pia_torch.demo.ASSETS / "tokenizer", root / "tokenizer")
     vocab_size = len(CLIPTokenizer.from_pretrained(root / "tokenizer"))
-    CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                 num_attention_heads=2)).save_pretrained(root / "text_encoder")
+    CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2
+        )
+    ).save_pretrained(root / "text_encoder")
     (root / "scheduler").mkdir()
-    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(
-        _class_name="PNDMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)))
+    (root / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(
+            dict(
+                _class_name="PNDMScheduler",
+                beta_start=0.00085,
+                beta_end=0.012,
+                beta_schedule="scaled_linear",
+                num_train_timesteps=1000,
+                set_alpha_to_one=False,
+                skip_prk_steps=True,
+                steps_offset=1,
+            )
+        )
+    )
     (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     return root
 
@@ -216,8 +287,22 @@ def test_checkpoint_folders(tmp_path, capsys, checkpoints):
     base = sd15_folder(tmp_path / "base", checkpoints)
     Image.new("RGB", (40, 24), (90, 10, 200)).save(tmp_path / "img.png")
     out = tmp_path / "x.gif"
-    info, _ = run_ok(["--image", str(tmp_path / "img.png"), "--prompt", "p", "--base", str(base), "--adapter",
-                      str(checkpoints("tiny")["adapter"]), *FAST, "--out", str(out)], capsys)
+    info, _ = run_ok(
+        [
+            "--image",
+            str(tmp_path / "img.png"),
+            "--prompt",
+            "p",
+            "--base",
+            str(base),
+            "--adapter",
+            str(checkpoints("tiny")["adapter"]),
+            *FAST,
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     assert info["models"] == {"base": str(base.resolve()), "adapter": str(checkpoints("tiny")["adapter"].resolve())}
     c = info["scheduler"]
     assert (c["_class_name"], c["beta_schedule"], c["set_alpha_to_one"]) == ("DDIMScheduler", "linear", True)
@@ -310,8 +395,16 @@ def test_bad_arguments(tmp_path, capsys, case, demo, no_loading):
         source = ["--demo"]
     else:
         Image.new("RGB", (64, 64)).save(tmp_path / "img.png")
-        source = ["--image", str(tmp_path / "img.png"), "--prompt", "p", "--base", str(tmp_path / "no_base"),
-                  "--adapter", str(tmp_path / "no_adapter")]
+        source = [
+            "--image",
+            str(tmp_path / "img.png"),
+            "--prompt",
+            "p",
+            "--base",
+            str(tmp_path / "no_base"),
+            "--adapter",
+            str(tmp_path / "no_adapter"),
+        ]
     fails([*source, *argv, *out], capsys, tmp_path, match, no_loading)
 
 
@@ -320,16 +413,38 @@ def test_frames_above_the_adapter_limit(tmp_path, capsys, checkpoints, no_loadin
     from pia_torch.config import tiny_unet
 
     limit = tiny_unet().motion.max_seq_length
-    fails(["--demo", "--frames", str(limit + 1), "--steps", "1", "--out", str(tmp_path / "x.gif")], capsys,
-          tmp_path, f"--frames must be <= {limit}", no_loading)
+    fails(
+        ["--demo", "--frames", str(limit + 1), "--steps", "1", "--out", str(tmp_path / "x.gif")],
+        capsys,
+        tmp_path,
+        f"--frames must be <= {limit}",
+        no_loading,
+    )
     adapter = tmp_path / "adapter"
     shutil.copytree(checkpoints("tiny")["adapter"], adapter)
     config = json.loads((adapter / "config.json").read_text())
     (adapter / "config.json").write_text(json.dumps({**config, "motion_max_seq_length": 8}))
     Image.new("RGB", (64, 64)).save(tmp_path / "img.png")
-    fails(["--image", str(tmp_path / "img.png"), "--prompt", "p", "--adapter", str(adapter), "--base",
-           str(tmp_path / "no_base"), "--frames", "9", "--out", str(tmp_path / "x.gif")], capsys, tmp_path,
-          "--frames must be <= 8 (the adapter's motion_max_seq_length), got 9", no_loading)
+    fails(
+        [
+            "--image",
+            str(tmp_path / "img.png"),
+            "--prompt",
+            "p",
+            "--adapter",
+            str(adapter),
+            "--base",
+            str(tmp_path / "no_base"),
+            "--frames",
+            "9",
+            "--out",
+            str(tmp_path / "x.gif"),
+        ],
+        capsys,
+        tmp_path,
+        "--frames must be <= 8 (the adapter's motion_max_seq_length), got 9",
+        no_loading,
+    )
 
 
 @pytest.fixture
@@ -338,8 +453,12 @@ def read_only_folder(tmp_path):
     else /sys, which no process may create files in)."""
     folder = tmp_path / "ro"
     folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
-                             capture_output=True).returncode == 0
+    mounted = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True
+        ).returncode
+        == 0
+    )
     yield folder if mounted else Path("/sys/kernel")
     if mounted:
         subprocess.run(["umount", str(folder)], check=True)
@@ -348,8 +467,11 @@ def read_only_folder(tmp_path):
 @pytest.mark.parametrize("where", ["under a file", "read-only", "read-only, new subfolder"])
 def test_unwritable_output(tmp_path, capsys, no_loading, read_only_folder, where):
     (tmp_path / "afile").write_text("x")
-    out = {"under a file": tmp_path / "afile" / "sub" / "x.gif", "read-only": read_only_folder / "x.gif",
-           "read-only, new subfolder": read_only_folder / "new" / "x.gif"}[where]
+    out = {
+        "under a file": tmp_path / "afile" / "sub" / "x.gif",
+        "read-only": read_only_folder / "x.gif",
+        "read-only, new subfolder": read_only_folder / "new" / "x.gif",
+    }[where]
     match = "is a file, not a folder" if where == "under a file" else "is not writable"
     fails(["--demo", "--out", str(out)], capsys, tmp_path, f"cannot write {out}: ", no_loading)
     assert cli.main(["--demo", "--out", str(out)]) == 2 and match in capsys.readouterr().err
@@ -372,11 +494,13 @@ def test_write_failure_after_sampling(tmp_path, capsys, monkeypatch):
 
 
 def test_loop_preset_warning(tmp_path, capsys):
-    info, err = run_ok(["--demo", "--frames", "3", "--steps", "1", "--motion-scale", "4", "--out",
-                        str(tmp_path / "x.gif")], capsys)
+    info, err = run_ok(
+        ["--demo", "--frames", "3", "--steps", "1", "--motion-scale", "4", "--out", str(tmp_path / "x.gif")], capsys
+    )
     assert "warning: --motion-scale 4 is a loop preset made for 16 frames" in err
-    _, err = run_ok(["--demo", "--frames", "3", "--steps", "1", "--motion-scale", "2", "--out",
-                     str(tmp_path / "y.gif")], capsys)
+    _, err = run_ok(
+        ["--demo", "--frames", "3", "--steps", "1", "--motion-scale", "2", "--out", str(tmp_path / "y.gif")], capsys
+    )
     assert "loop preset" not in err
 
 
@@ -384,8 +508,25 @@ def test_num_videos_fps_threads(tmp_path, capsys):
     """--num-videos N: one file (+ sidecar) per seed, each equal to the run with that --seed alone."""
     threads = torch.get_num_threads()
     try:
-        assert cli.main(["--demo", *FAST, "--seed", "5", "--num-videos", "2", "--fps", "4", "--threads", "1",
-                         "--out", str(tmp_path / "many.gif")]) == 0
+        assert (
+            cli.main(
+                [
+                    "--demo",
+                    *FAST,
+                    "--seed",
+                    "5",
+                    "--num-videos",
+                    "2",
+                    "--fps",
+                    "4",
+                    "--threads",
+                    "1",
+                    "--out",
+                    str(tmp_path / "many.gif"),
+                ]
+            )
+            == 0
+        )
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
@@ -402,12 +543,26 @@ def test_num_videos_fps_threads(tmp_path, capsys):
 def test_demo_with_a_large_image_runs_at_the_demo_size(tmp_path, capsys):
     """A user photo with --demo is shrunk to the demo's 64-pixel working size (seconds, not an hour)."""
     Image.new("RGB", (333, 217), (20, 120, 220)).save(tmp_path / "photo.png")
-    info, _ = run_ok(["--demo", *FAST, "--image", str(tmp_path / "photo.png"), "--out", str(tmp_path / "x.gif")],
-                     capsys)
+    info, _ = run_ok(
+        ["--demo", *FAST, "--image", str(tmp_path / "photo.png"), "--out", str(tmp_path / "x.gif")], capsys
+    )
     assert (info["params"]["width"], info["params"]["height"]) == (64, 40)
     assert frame_sizes(tmp_path / "x.gif") == (2, (64, 40))
-    info, _ = run_ok(["--demo", *FAST, "--image", str(tmp_path / "photo.png"), "--height", "32", "--width", "48",
-                      "--out", str(tmp_path / "y.gif")], capsys)
+    info, _ = run_ok(
+        [
+            "--demo",
+            *FAST,
+            "--image",
+            str(tmp_path / "photo.png"),
+            "--height",
+            "32",
+            "--width",
+            "48",
+            "--out",
+            str(tmp_path / "y.gif"),
+        ],
+        capsys,
+    )
     assert frame_sizes(tmp_path / "y.gif") == (2, (48, 32))
 
 
@@ -442,10 +597,18 @@ def test_weights_not_found_offline(tmp_path, tmp_path_factory, monkeypatch, caps
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path_factory.mktemp("empty_cache")))
     Image.new("RGB", (64, 64)).save(tmp_path / "img.png")
     common = ["--image", str(tmp_path / "img.png"), "--prompt", "p", "--out", str(tmp_path / "x.gif")]
-    fails([*common, "--adapter", "nobody/no-such-model"], capsys, tmp_path,
-          "nobody/no-such-model: weights not found offline")
-    fails([*common, "--adapter", str(checkpoints("tiny")["adapter"]), "--base", "nobody/no-such-base"], capsys,
-          tmp_path, "nobody/no-such-base: weights not found offline")
+    fails(
+        [*common, "--adapter", "nobody/no-such-model"],
+        capsys,
+        tmp_path,
+        "nobody/no-such-model: weights not found offline",
+    )
+    fails(
+        [*common, "--adapter", str(checkpoints("tiny")["adapter"]), "--base", "nobody/no-such-base"],
+        capsys,
+        tmp_path,
+        "nobody/no-such-base: weights not found offline",
+    )
 
 
 @pytest.mark.parametrize("damage", ["truncated", "corrupt"])
@@ -456,6 +619,20 @@ def test_damaged_weights(tmp_path, capsys, checkpoints, damage):
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\0" * 64 + data[64:])
     Image.new("RGB", (64, 64)).save(tmp_path / "img.png")
-    fails(["--image", str(tmp_path / "img.png"), "--prompt", "p", "--adapter", str(adapter),
-           "--base", str(tmp_path / "base_not_reached"), "--out", str(tmp_path / "x.gif")], capsys, tmp_path,
-          f"cannot read {weights}")
+    fails(
+        [
+            "--image",
+            str(tmp_path / "img.png"),
+            "--prompt",
+            "p",
+            "--adapter",
+            str(adapter),
+            "--base",
+            str(tmp_path / "base_not_reached"),
+            "--out",
+            str(tmp_path / "x.gif"),
+        ],
+        capsys,
+        tmp_path,
+        f"cannot read {weights}",
+    )

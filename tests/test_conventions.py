@@ -69,6 +69,7 @@ def rewire_to_original(ref: nn.Module, frames: int) -> nn.Module:
 
 # ------------------------------------------------------------------------------ (a) each affected block
 
+
 @pytest.mark.parametrize("frames", [2, 5])
 def test_group_norm_pools_over_frames(frames):
     norm = randomize_(nn.GroupNorm(4, 16, eps=1e-5), 3)
@@ -98,10 +99,18 @@ def test_resnet_block_pooled_over_frames(cin, cout):
 def test_motion_module_norm_per_frame(frames):
     c, heads, groups = 32, 4, 8
     torch.manual_seed(0)
-    ref = randomize_(AnimateDiffTransformer3D(
-        num_attention_heads=heads, attention_head_dim=c // heads, in_channels=c, norm_num_groups=groups,
-        positional_embeddings="sinusoidal", num_positional_embeddings=32, double_self_attention=True,
-    ).eval(), 1)
+    ref = randomize_(
+        AnimateDiffTransformer3D(
+            num_attention_heads=heads,
+            attention_head_dim=c // heads,
+            in_channels=c,
+            norm_num_groups=groups,
+            positional_embeddings="sinusoidal",
+            num_positional_embeddings=32,
+            double_self_attention=True,
+        ).eval(),
+        1,
+    )
     block = TemporalTransformer(c, heads=heads, groups=groups, max_seq_length=32, norm_over_frames=False)
     copy_from_diffusers(block, ref)
     ref.norm = PerFrameNorm(ref.norm)
@@ -117,7 +126,7 @@ def test_unet_routes_each_norm_by_convention(checkpoints):
         model = load_pia(checkpoints, "tiny", convention)
         seen: dict[str, int] = {}
         hooks = [
-            m.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, args[0].ndim))
+            m.register_forward_hook(lambda m, args, out, name=name, seen=seen: seen.__setitem__(name, args[0].ndim))
             for name, m in model.named_modules()
             if isinstance(m, nn.GroupNorm)
         ]
@@ -135,6 +144,7 @@ def test_unet_routes_each_norm_by_convention(checkpoints):
 
 # ------------------------------------------------------------------------------- (b) one frame vs many
 
+
 @torch.no_grad()
 def test_conventions_agree_on_one_frame_and_differ_on_many(size, checkpoints):
     original, diffusers = load_pia(checkpoints, size, "original"), load_pia(checkpoints, size, "diffusers")
@@ -147,6 +157,7 @@ def test_conventions_agree_on_one_frame_and_differ_on_many(size, checkpoints):
 
 
 # ------------------------------------------------------------------- (c) whole UNet vs re-wired diffusers
+
 
 @pytest.mark.parametrize("b,f,hw", [(2, 4, (8, 8)), (1, 3, (9, 12))])
 @torch.no_grad()

@@ -24,13 +24,18 @@ from pia_torch.demo import demo_image
 
 ADAPTER_ID = "openmmlab/PIA-condition-adapter"
 BASE_ID = "SG161222/Realistic_Vision_V6.0_B1_noVAE"
-IMAGE_URL = ("https://huggingface.co/datasets/hf-internal-testing/diffusers-images/resolve/main/pix2pix/"
-             "cat_6.png?download=true")
-IMPORTS = ("from pia_torch import MotionAdapter, PIAPipeline, DDIMScheduler, EulerDiscreteScheduler\n"
-           "from pia_torch.utils import load_image, export_to_gif\n")
+IMAGE_URL = (
+    "https://huggingface.co/datasets/hf-internal-testing/diffusers-images/resolve/main/pix2pix/cat_6.png?download=true"
+)
+IMPORTS = (
+    "from pia_torch import MotionAdapter, PIAPipeline, DDIMScheduler, EulerDiscreteScheduler\n"
+    "from pia_torch.utils import load_image, export_to_gif\n"
+)
 
 # "Usage example" of the docs page, verbatim below the imports.
-EXAMPLE_USAGE = IMPORTS + '''import torch
+EXAMPLE_USAGE = (
+    IMPORTS
+    + """import torch
 
 adapter = MotionAdapter.from_pretrained("openmmlab/PIA-condition-adapter")
 pipe = PIAPipeline.from_pretrained("SG161222/Realistic_Vision_V6.0_B1_noVAE", motion_adapter=adapter, torch_dtype=torch.float16)
@@ -50,10 +55,13 @@ generator = torch.Generator("cpu").manual_seed(0)
 output = pipe(image=image, prompt=prompt, generator=generator)
 frames = output.frames[0]
 export_to_gif(frames, "pia-animation.gif")
-'''
+"""
+)
 
 # "Using FreeInit" of the docs page, verbatim below the imports.
-EXAMPLE_FREE_INIT = IMPORTS + '''import torch
+EXAMPLE_FREE_INIT = (
+    IMPORTS
+    + """import torch
 
 adapter = MotionAdapter.from_pretrained("openmmlab/PIA-condition-adapter")
 pipe = PIAPipeline.from_pretrained("SG161222/Realistic_Vision_V6.0_B1_noVAE", motion_adapter=adapter)
@@ -79,7 +87,8 @@ generator = torch.Generator("cpu").manual_seed(0)
 output = pipe(image=image, prompt=prompt, generator=generator)
 frames = output.frames[0]
 export_to_gif(frames, "pia-freeinit-animation.gif")
-'''
+"""
+)
 
 
 def add_snapshot(cache: Path, repo_id: str, commit: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
@@ -123,9 +132,11 @@ def offline(hf_cache, tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("program, gif", [(EXAMPLE_USAGE, "pia-animation.gif"),
-                                          (EXAMPLE_FREE_INIT, "pia-freeinit-animation.gif")],
-                         ids=["usage", "free_init"])
+@pytest.mark.parametrize(
+    "program, gif",
+    [(EXAMPLE_USAGE, "pia-animation.gif"), (EXAMPLE_FREE_INIT, "pia-freeinit-animation.gif")],
+    ids=["usage", "free_init"],
+)
 def test_docs_example(offline, program, gif):
     namespace: dict = {}
     exec(compile(program, gif, "exec"), namespace)

@@ -33,9 +33,15 @@ class RefPipe(FreeInitMixin):
 
 
 def ref_filter(shape, method, order, d_s, d_t):
-    return FreeInitMixin._get_free_init_freq_filter(None, shape=(1, 4, *shape), device=torch.device("cpu"),
-                                                    filter_type=method, order=order, spatial_stop_frequency=d_s,
-                                                    temporal_stop_frequency=d_t)
+    return FreeInitMixin._get_free_init_freq_filter(
+        None,
+        shape=(1, 4, *shape),
+        device=torch.device("cpu"),
+        filter_type=method,
+        order=order,
+        spatial_stop_frequency=d_s,
+        temporal_stop_frequency=d_t,
+    )
 
 
 def model(x, t):
@@ -51,8 +57,9 @@ def model(x, t):
 @pytest.mark.parametrize("method,order", [("butterworth", 4), ("butterworth", 1), ("gaussian", 4), ("ideal", 4)])
 def test_filter_matches_diffusers(method, order, shape, freqs):
     ref = ref_filter(shape, method, order, *freqs)
-    ours = low_pass_filter((2, 3, *shape), method, order=order, spatial_stop_frequency=freqs[0],
-                           temporal_stop_frequency=freqs[1])
+    ours = low_pass_filter(
+        (2, 3, *shape), method, order=order, spatial_stop_frequency=freqs[0], temporal_stop_frequency=freqs[1]
+    )
     assert ours.shape == shape and ours.dtype == torch.float32
     assert_close(ours.expand(1, 4, *shape), ref, **TOL)
 
@@ -127,8 +134,18 @@ def run_ours(scheduler, method="butterworth", eta=0.0, fast=False, n=10, num_ite
 
     scheduler.set_timesteps(n)  # init_noise_sigma depends on the schedule (Euler "leading")
     latents = noise * scheduler.init_noise_sigma
-    out = free_init(run_pass, lambda ts: latents, noise, scheduler, n, strength, num_iters=num_iters,
-                    use_fast_sampling=fast, method=method, generator=g)
+    out = free_init(
+        run_pass,
+        lambda ts: latents,
+        noise,
+        scheduler,
+        n,
+        strength,
+        num_iters=num_iters,
+        use_fast_sampling=fast,
+        method=method,
+        generator=g,
+    )
     return out, starts, schedules
 
 
@@ -170,8 +187,9 @@ def test_pass_steps_keep_a_step_under_strength():
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.6])
-@pytest.mark.parametrize("make", [lambda: DDIMScheduler(**DDIM_CFG), lambda: EulerDiscreteScheduler(**SD_BETAS)],
-                         ids=["ddim", "euler"])
+@pytest.mark.parametrize(
+    "make", [lambda: DDIMScheduler(**DDIM_CFG), lambda: EulerDiscreteScheduler(**SD_BETAS)], ids=["ddim", "euler"]
+)
 def test_one_iteration_is_a_plain_run(make, strength):
     scheduler = make()
     g = torch.Generator().manual_seed(1)
@@ -183,9 +201,15 @@ def test_one_iteration_is_a_plain_run(make, strength):
 
     plain = sample(denoise, start, timesteps, scheduler.step_with_x0, progress=False)
     passes = []
-    out = free_init(lambda x, ts: passes.append(ts) or sample(denoise, x, ts, scheduler.step_with_x0,
-                                                              progress=False),
-                    lambda ts: start, start / 3, scheduler, 10, strength, num_iters=1)
+    out = free_init(
+        lambda x, ts: passes.append(ts) or sample(denoise, x, ts, scheduler.step_with_x0, progress=False),
+        lambda ts: start,
+        start / 3,
+        scheduler,
+        10,
+        strength,
+        num_iters=1,
+    )
     assert len(passes) == 1 and torch.equal(passes[0], timesteps)
     assert torch.equal(out, plain)
 
@@ -237,16 +261,29 @@ def test_euler_free_init_strength_below_one_runs():
 # ------------------------------------------------------------------------------------------ errors
 
 
-@pytest.mark.parametrize("kwargs,named", [(dict(method="lowpass"), "lowpass"), (dict(order=0), "order"),
-                                          (dict(spatial_stop_frequency=1.5), "1.5"),
-                                          (dict(temporal_stop_frequency=-0.1), "-0.1")])
+@pytest.mark.parametrize(
+    "kwargs,named",
+    [
+        (dict(method="lowpass"), "lowpass"),
+        (dict(order=0), "order"),
+        (dict(spatial_stop_frequency=1.5), "1.5"),
+        (dict(temporal_stop_frequency=-0.1), "-0.1"),
+    ],
+)
 def test_bad_filter_arguments(kwargs, named):
     with pytest.raises(ValueError, match=named):
         low_pass_filter((4, 8, 8), **kwargs)
 
 
-@pytest.mark.parametrize("kwargs,named", [(dict(num_iters=0), "num_iters"), (dict(strength=0.0), "strength"),
-                                          (dict(strength=1.5), "strength"), (dict(method="box2"), "box2")])
+@pytest.mark.parametrize(
+    "kwargs,named",
+    [
+        (dict(num_iters=0), "num_iters"),
+        (dict(strength=0.0), "strength"),
+        (dict(strength=1.5), "strength"),
+        (dict(method="box2"), "box2"),
+    ],
+)
 def test_bad_free_init_arguments(kwargs, named):
     x = torch.zeros(SHAPE)
     with pytest.raises(ValueError, match=named):

@@ -70,26 +70,36 @@ def test_not_found_offline_is_one_clear_line(tmp_path, offline):
 
 
 def test_weight_patterns():
-    assert hub.weight_candidates("fp16")[0][1:3] == ("diffusion_pytorch_model.fp16.safetensors",
-                                                     "diffusion_pytorch_model.safetensors.index.fp16.json")
-    assert list(hub.weight_candidates(None)[1][1:]) == ["diffusion_pytorch_model.bin",
-                                                        "diffusion_pytorch_model.bin.index.json",
-                                                        "diffusion_pytorch_model-*-of-*.bin"]
+    assert hub.weight_candidates("fp16")[0][1:3] == (
+        "diffusion_pytorch_model.fp16.safetensors",
+        "diffusion_pytorch_model.safetensors.index.fp16.json",
+    )
+    assert list(hub.weight_candidates(None)[1][1:]) == [
+        "diffusion_pytorch_model.bin",
+        "diffusion_pytorch_model.bin.index.json",
+        "diffusion_pytorch_model-*-of-*.bin",
+    ]
 
 
 def test_fetch_picks_variant_then_plain(tmp_path, checkpoints, offline):
     unet = checkpoints("tiny")["unet"]
     weights = unet / "diffusion_pytorch_model.safetensors"
-    snapshot = fake_cache(tmp_path, "owner/pipe", {"unet/config.json": str(unet / "config.json"),
-                                                   "unet/diffusion_pytorch_model.safetensors": weights})
+    snapshot = fake_cache(
+        tmp_path,
+        "owner/pipe",
+        {"unet/config.json": str(unet / "config.json"), "unet/diffusion_pytorch_model.safetensors": weights},
+    )
     for variant in (None, "fp16"):  # no fp16 files cached: the plain ones are used
         assert hub.fetch("owner/pipe", "unet", variant=variant, cache_dir=tmp_path) == snapshot / "unet"
 
 
 def test_motion_adapter_from_repo_id_offline(tmp_path, checkpoints, offline):
     adapter_dir = checkpoints("tiny")["adapter"]
-    fake_cache(tmp_path, "owner/adapter", {name: adapter_dir / name for name in
-                                           ("config.json", "diffusion_pytorch_model.safetensors")})
+    fake_cache(
+        tmp_path,
+        "owner/adapter",
+        {name: adapter_dir / name for name in ("config.json", "diffusion_pytorch_model.safetensors")},
+    )
     adapter = MotionAdapter.from_pretrained("owner/adapter", cache_dir=tmp_path)
     local = MotionAdapter.from_pretrained(adapter_dir, torch_dtype=torch.float16)
     expected = read_state_dict(adapter_dir)

@@ -22,8 +22,17 @@ from diffusers import UNet2DConditionModel, UNetMotionModel
 from safetensors.torch import save_file
 
 from pia_torch.config import MotionConfig
-from pia_torch.loading import (CheckpointError, MotionAdapter, build_unet, build_vae, load_table, load_unet,
-                               load_vae, read_state_dict, remap)
+from pia_torch.loading import (
+    CheckpointError,
+    MotionAdapter,
+    build_unet,
+    build_vae,
+    load_table,
+    load_unet,
+    load_vae,
+    read_state_dict,
+    remap,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC_KEYS = REPO.parent / "shared" / "spec" / "keys"
@@ -49,6 +58,7 @@ def copy_folder(src: Path, dst: Path, sd: dict | None = None) -> Path:
 
 
 # --------------------------------------------------------------------------------------------- folders
+
 
 @pytest.mark.parametrize("size", ["tiny", pytest.param("small", marks=pytest.mark.slow)])  # from_unet2d: ~7 s
 def test_diffusers_folders_load(checkpoints, size, caplog):
@@ -102,8 +112,9 @@ def stored_forms(tmp_path_factory):
     return root, ref.state_dict()
 
 
-@pytest.mark.parametrize("form, variant", [("plain", None), ("sharded", None), ("fp16", "fp16"),
-                                           ("fp16_sharded", "fp16"), ("bin", None)])
+@pytest.mark.parametrize(
+    "form, variant", [("plain", None), ("sharded", None), ("fp16", "fp16"), ("fp16_sharded", "fp16"), ("bin", None)]
+)
 def test_stored_forms_give_identical_tensors(stored_forms, checkpoints, form, variant):
     root, expected = stored_forms
     if form.endswith("sharded"):
@@ -137,6 +148,7 @@ def test_corrupt_files_name_the_file(checkpoints, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- strictness
+
 
 def test_one_error_lists_missing_unexpected_and_misshaped(checkpoints, tmp_path):
     src = checkpoints("tiny")["vae"]
@@ -187,13 +199,27 @@ def test_legacy_vae_attention_names(checkpoints, tmp_path):
 
 # --------------------------------------------------------------------------------------------- table
 
+
 def test_rules_match_whole_components():
     table = {"rename": [["ff.net.2", "ff.proj_out", ""], ["key", "to_k", ""]], "ignore": [["pos_embed.pe", ""]]}
-    keys = ["a.ff.net.2.bias", "a.ff.net.20.bias", "xff.net.2.bias", "a.key.weight", "a.keys.weight",
-            "b.pos_embed.pe", "b.pos_embed.pe2"]
+    keys = [
+        "a.ff.net.2.bias",
+        "a.ff.net.20.bias",
+        "xff.net.2.bias",
+        "a.key.weight",
+        "a.keys.weight",
+        "b.pos_embed.pe",
+        "b.pos_embed.pe2",
+    ]
     renamed, ignored = remap(dict.fromkeys(keys, torch.zeros(1)), table)
-    assert list(renamed) == ["a.ff.proj_out.bias", "a.ff.net.20.bias", "xff.net.2.bias", "a.to_k.weight",
-                             "a.keys.weight", "b.pos_embed.pe2"]
+    assert list(renamed) == [
+        "a.ff.proj_out.bias",
+        "a.ff.net.20.bias",
+        "xff.net.2.bias",
+        "a.to_k.weight",
+        "a.keys.weight",
+        "b.pos_embed.pe2",
+    ]
     assert list(ignored) == ["b.pos_embed.pe"]
 
 
@@ -205,18 +231,25 @@ def test_table_rules_have_reasons():
 
 def test_table_loads_from_installed_wheel(tmp_path):
     """Build the wheel, unpack it as site-packages, read the table with importlib.resources from there."""
-    subprocess.run([sys.executable, "-m", "hatchling", "build", "-t", "wheel", "-d", str(tmp_path / "dist")],
-                   cwd=REPO, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "hatchling", "build", "-t", "wheel", "-d", str(tmp_path / "dist")],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = (tmp_path / "dist").glob("pia_torch-*.whl")
     with zipfile.ZipFile(wheel) as z:
         assert "pia_torch/weights_map/diffusers.json" in z.namelist()
         z.extractall(tmp_path / "site")
-    code = ("import json, pia_torch, pia_torch.loading as L; from importlib import resources; "
-            "p = resources.files('pia_torch') / 'weights_map' / 'diffusers.json'; "
-            "print(json.dumps([pia_torch.__file__, p.is_file(), L.load_table()]))")
+    code = (
+        "import json, pia_torch, pia_torch.loading as L; from importlib import resources; "
+        "p = resources.files('pia_torch') / 'weights_map' / 'diffusers.json'; "
+        "print(json.dumps([pia_torch.__file__, p.is_file(), L.load_table()]))"
+    )
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}  # the wheel only, not the repository
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, capture_output=True,
-                         text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, capture_output=True, text=True
+    ).stdout
     file, packaged, table = json.loads(out.splitlines()[-1])
     assert file.startswith(str(tmp_path / "site")) and packaged
     assert table == json.loads((REPO / "weights_map" / "diffusers.json").read_text())
@@ -224,12 +257,30 @@ def test_table_loads_from_installed_wheel(tmp_path):
 
 # --------------------------------------------------------------------------------------------- full size
 
-SD15 = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
-            attention_head_dim=8, sample_size=64)
-PIA = dict(block_out_channels=(320, 640, 1280, 1280), motion_layers_per_block=2, motion_num_attention_heads=8,
-           motion_norm_num_groups=32, motion_max_seq_length=32, use_motion_mid_block=False, conv_in_channels=9)
-SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
-              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+SD15 = dict(
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    sample_size=64,
+)
+PIA = dict(
+    block_out_channels=(320, 640, 1280, 1280),
+    motion_layers_per_block=2,
+    motion_num_attention_heads=8,
+    motion_norm_num_groups=32,
+    motion_max_seq_length=32,
+    use_motion_mid_block=False,
+    conv_in_channels=9,
+)
+SD_VAE = dict(
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    sample_size=512,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+)
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +343,7 @@ def test_every_table_rule_is_used(full_size):
     full = run(table)
     for section in ("rename", "ignore"):
         for i, rule in enumerate(table[section]):
-            without = {**table, section: table[section][:i] + table[section][i + 1:]}
+            without = {**table, section: table[section][:i] + table[section][i + 1 :]}
             assert run(without) != full, f"rule {rule[:2]} is never used"
 
 
@@ -313,8 +364,11 @@ def test_key_lists_match_spec(full_size):
         return {k: tuple(json.loads(s.replace("(", "[").replace(",)", "]").replace(")", "]"))) for k, s in rows}
 
     unet2d, adapter, vae = full_size
-    for name, model in [("unet2d_sd15_keys.tsv", unet2d), ("adapter_pia_keys.tsv", adapter),
-                        ("vae_sd15_keys.tsv", vae)]:
+    for name, model in [
+        ("unet2d_sd15_keys.tsv", unet2d),
+        ("adapter_pia_keys.tsv", adapter),
+        ("vae_sd15_keys.tsv", vae),
+    ]:
         assert tsv(name) == {k: tuple(t.shape) for k, t in model.state_dict().items()}
     expected, dropped = {}, 0
     for key, shape in tsv("unetmotion_pia_keys.tsv").items():  # diffusers' from_unet2d result, key by key

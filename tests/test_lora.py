@@ -46,8 +46,9 @@ KOHYA = {
     "lora_te_text_model_encoder_layers_1_self_attn_out_proj": "text_encoder.encoder.layers.1.self_attn.out_proj",
     "lora_te1_text_model_encoder_layers_1_mlp_fc1": "text_encoder.encoder.layers.1.mlp.fc1",
 }
-MOTION = {"lora_unet_down_blocks_1_motion_modules_0_transformer_blocks_0_attn1_to_q":
-          "unet.down_blocks.1.motion_modules.0.transformer_blocks.0.attn1.to_q"}
+MOTION = {
+    "lora_unet_down_blocks_1_motion_modules_0_transformer_blocks_0_attn1_to_q": "unet.down_blocks.1.motion_modules.0.transformer_blocks.0.attn1.to_q"
+}
 # LDM (SGM) names, spec/checkpoints.md §3 arithmetic with layers_per_block = 2, worked out by hand.
 LDM = {
     "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q": "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
@@ -80,14 +81,20 @@ PEFT = {
     "text_encoder.text_model.encoder.layers.0.self_attn.k_proj": "text_encoder.encoder.layers.0.self_attn.k_proj",
     "text_encoder.encoder.layers.1.mlp.fc2": "text_encoder.encoder.layers.1.mlp.fc2",
 }
-PEFT_METADATA = {"unet.r": 4, "unet.lora_alpha": 8, "unet.alpha_pattern": {"up_blocks.1.upsamplers.0.conv": 1.0},
-                 "unet.rank_pattern": {"mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj": 2},
-                 "unet.target_modules": [n.removeprefix("unet.") for n in PEFT if n.startswith("unet.")],
-                 "text_encoder.r": 4, "text_encoder.lora_alpha": 2,
-                 "text_encoder.target_modules": ["encoder.layers.0.self_attn.k_proj", "encoder.layers.1.mlp.fc2"]}
+PEFT_METADATA = {
+    "unet.r": 4,
+    "unet.lora_alpha": 8,
+    "unet.alpha_pattern": {"up_blocks.1.upsamplers.0.conv": 1.0},
+    "unet.rank_pattern": {"mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj": 2},
+    "unet.target_modules": [n.removeprefix("unet.") for n in PEFT if n.startswith("unet.")],
+    "text_encoder.r": 4,
+    "text_encoder.lora_alpha": 2,
+    "text_encoder.target_modules": ["encoder.layers.0.self_attn.k_proj", "encoder.layers.1.mlp.fc2"],
+}
 
 
 # --------------------------------------------------------------------------------------------- helpers
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -99,8 +106,16 @@ def one_thread():
 
 def make_text_encoder(hidden: int, seed: int = 30) -> CLIPTextModel:
     torch.manual_seed(seed)
-    config = CLIPTextConfig(hidden_size=hidden, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                            vocab_size=1000, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    config = CLIPTextConfig(
+        hidden_size=hidden,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=1000,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
     return CLIPTextModel(config).eval()
 
 
@@ -164,11 +179,18 @@ def assert_restored(lora: LoraAdapters, before: dict) -> None:
 
 
 def run(pipe: PIAPipeline, seed: int = 0) -> np.ndarray:
-    return pipe(demo_image().resize((32, 32)), "a cat in a field", num_frames=4, num_inference_steps=2,
-                output_type="np", generator=torch.Generator().manual_seed(seed)).frames
+    return pipe(
+        demo_image().resize((32, 32)),
+        "a cat in a field",
+        num_frames=4,
+        num_inference_steps=2,
+        output_type="np",
+        generator=torch.Generator().manual_seed(seed),
+    ).frames
 
 
 # --------------------------------------------------------------------------------------------- layouts
+
 
 def test_kohya_diffusers_names_per_module_alpha_locon(small, tmp_path):
     """kohya names, mixed ranks, a different alpha per module and one missing (α = r), LoCon convs."""
@@ -200,8 +222,9 @@ def test_peft_names(small, tmp_path, metadata):
     """PEFT lora_A/lora_B; alphas from lora_adapter_metadata (lora_alpha, alpha_pattern, rank_pattern),
     or α = r without it."""
     rank = {n: 2 if "ff.net" in n else 4 for n in PEFT}
-    expect = lora_file(tmp_path / "p.safetensors", small, PEFT, rank, peft=True,
-                       metadata=PEFT_METADATA if metadata else None)
+    expect = lora_file(
+        tmp_path / "p.safetensors", small, PEFT, rank, peft=True, metadata=PEFT_METADATA if metadata else None
+    )
     if metadata:
         alpha = {k: 1.0 if "upsample" in k else 2 if k.startswith("text") else 8 for k in expect}
         expect = {k: (alpha[k] / up.shape[1], up, down) for k, (_, up, down) in expect.items()}
@@ -216,7 +239,9 @@ def test_stacked_adapters_add_up(small, tmp_path):
     a = lora_file(tmp_path / "a.safetensors", small, kohya, rank=4, alpha=3, seed=1)
     b = lora_file(tmp_path / "b.safetensors", small, {**dict(list(KOHYA.items())[4:]), **PEFT}, rank=2, seed=2)
     before = snapshot(small)
-    assert small.load(tmp_path / "a.safetensors") == "default_0" and small.load(tmp_path / "b.safetensors") == "default_1"
+    assert (
+        small.load(tmp_path / "a.safetensors") == "default_0" and small.load(tmp_path / "b.safetensors") == "default_1"
+    )
     assert small.weights == {"default_1": 1.0}  # as diffusers: the last loaded adapter alone is active
     small.set_adapters(["default_0", "default_1"], [0.5, -1.5])
     small.fuse(lora_scale=2.0)
@@ -249,6 +274,7 @@ def test_pt_file_and_state_dict_read_like_safetensors(small, tmp_path):
 
 # --------------------------------------------------------------------------------------------- frames
 
+
 def test_forward_time_equals_fused_frames(tmp_path):
     """Unfused (hooks) and fused give the same frames within 1e-5; unfuse and unload restore the base."""
     pipe = tiny_pipeline(convention="diffusers")
@@ -256,11 +282,32 @@ def test_forward_time_equals_fused_frames(tmp_path):
     lora = LoraAdapters(pipe.unet, pipe.text_encoder)
     names = lora_names(pipe.unet, pipe.text_encoder)
     sgm = ("lora_unet_input_blocks", "lora_unet_output_blocks", "lora_unet_middle_block")
-    kohya = {n: key for n, (key, _) in names.items() if n.startswith(("lora_unet_", "lora_te_")) and not n.startswith(sgm)
-             and n.endswith(("to_q", "attn2_to_k", "ff_net_0_proj", "proj_in", "conv1", "downsamplers_0_conv",
-                             "upsamplers_0_conv", "conv_shortcut", "time_emb_proj", "to_out_0", "fc1"))}
-    ldm = {n: key for n, (key, _) in names.items()
-           if n.startswith(sgm) and n.endswith(("in_layers_2", "op", "conv", "proj_in", "attn2_to_v"))}
+    kohya = {
+        n: key
+        for n, (key, _) in names.items()
+        if n.startswith(("lora_unet_", "lora_te_"))
+        and not n.startswith(sgm)
+        and n.endswith(
+            (
+                "to_q",
+                "attn2_to_k",
+                "ff_net_0_proj",
+                "proj_in",
+                "conv1",
+                "downsamplers_0_conv",
+                "upsamplers_0_conv",
+                "conv_shortcut",
+                "time_emb_proj",
+                "to_out_0",
+                "fc1",
+            )
+        )
+    }
+    ldm = {
+        n: key
+        for n, (key, _) in names.items()
+        if n.startswith(sgm) and n.endswith(("in_layers_2", "op", "conv", "proj_in", "attn2_to_v"))
+    }
     assert {type(names[n][1]) for n in kohya} == {type(names[n][1]) for n in ldm} == {nn.Linear, nn.Conv2d}
     lora_file(tmp_path / "a.safetensors", lora, kohya, rank=4, alpha=2, seed=1)
     lora_file(tmp_path / "b.safetensors", lora, ldm, rank=2, seed=2)
@@ -313,6 +360,7 @@ def test_pipeline_methods(tmp_path):
 
 # --------------------------------------------------------------------------------------------- errors
 
+
 def test_dora_is_refused(small, tmp_path):
     lora_file(tmp_path / "d.safetensors", small, KOHYA, rank=2)
     sd = {"lora_unet_down_blocks_0_resnets_0_conv1.dora_scale": torch.ones(1, 32, 1, 1)}
@@ -325,19 +373,26 @@ def test_dora_is_refused(small, tmp_path):
 def test_unmatched_and_malformed_keys_are_listed(small):
     good = "lora_unet_down_blocks_0_attentions_0_proj_in"
     w = small.unet.get_submodule("down_blocks.0.attentions.0.proj_in").weight
-    sd = {f"{good}.lora_down.weight": torch.ones(2, w.shape[1], 1, 1), f"{good}.lora_up.weight": torch.ones(w.shape[0], 2, 1, 1),
-          "lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight": torch.ones(2, 4),
-          "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.ones(4, 2),
-          "lora_unet_conv_in.hada_w1_a": torch.ones(2, 2),
-          "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": torch.ones(2, 32, 3, 3),
-          "lora_unet_down_blocks_0_resnets_0_conv2.lora_down.weight": torch.ones(2, 7, 3, 3),
-          "lora_unet_down_blocks_0_resnets_0_conv2.lora_up.weight": torch.ones(32, 2, 1, 1)}
+    sd = {
+        f"{good}.lora_down.weight": torch.ones(2, w.shape[1], 1, 1),
+        f"{good}.lora_up.weight": torch.ones(w.shape[0], 2, 1, 1),
+        "lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight": torch.ones(2, 4),
+        "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.ones(4, 2),
+        "lora_unet_conv_in.hada_w1_a": torch.ones(2, 2),
+        "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": torch.ones(2, 32, 3, 3),
+        "lora_unet_down_blocks_0_resnets_0_conv2.lora_down.weight": torch.ones(2, 7, 3, 3),
+        "lora_unet_down_blocks_0_resnets_0_conv2.lora_up.weight": torch.ones(32, 2, 1, 1),
+    }
     before = snapshot(small)
     with pytest.raises(ValueError) as err:
         small.load(sd)
-    for key in ("lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight", "lora_unet_conv_in.hada_w1_a",
-                "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight",
-                "lora_unet_down_blocks_0_resnets_0_conv1: no up", "lora_unet_down_blocks_0_resnets_0_conv2: down (2, 7, 3, 3), up (32, 2, 1, 1) do not fit"):
+    for key in (
+        "lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight",
+        "lora_unet_conv_in.hada_w1_a",
+        "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight",
+        "lora_unet_down_blocks_0_resnets_0_conv1: no up",
+        "lora_unet_down_blocks_0_resnets_0_conv2: down (2, 7, 3, 3), up (32, 2, 1, 1) do not fit",
+    ):
         assert key in str(err.value)
     assert good not in str(err.value) and not small.adapters and not small.hooks
     assert_restored(small, before)
@@ -360,11 +415,14 @@ def test_misuse_is_refused(small, tmp_path):
 
 # --------------------------------------------------------------------------------------------- tables
 
+
 def test_names_table_round_trips_and_matches_diffusers_modules(small):
     """diffusers.json's "to_diffusers" rules invert its renames on every UNet layer, and give exactly
     diffusers' own Linear / Conv2d module names (motion modules aside)."""
     names = lora_names(small.unet, small.text_encoder)
-    paths = {n.removeprefix("unet."): key.removeprefix("unet.") for n, (key, _) in names.items() if n.startswith("unet.")}
+    paths = {
+        n.removeprefix("unet."): key.removeprefix("unet.") for n, (key, _) in names.items() if n.startswith("unet.")
+    }
     assert remap(paths)[0] == {p: p for p in paths.values()}  # diffusers.json maps each diffusers path back
     reference = {n for n, m in make_unet2d("small").named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     assert {p for p in paths if "motion_modules" not in p} == reference
@@ -375,14 +433,27 @@ def test_names_table_round_trips_and_matches_diffusers_modules(small):
 
 # --------------------------------------------------------------------------------------------- diffusers
 
+
 def diffusers_fused(unet2d, text_encoder, path, lora_scale):
     """diffusers + peft: load_lora_weights, fuse_lora, unload (fused weights stay) -> the two state dicts.
     unet_config is passed as SDXL's loader does: SD1.5's load_lora_weights leaves LDM names unmapped."""
-    vae = diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=2, latent_channels=4,
-                                  down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
-    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=None, unet=unet2d,
-                                             scheduler=diffusers.DDIMScheduler(), safety_checker=None,
-                                             feature_extractor=None, requires_safety_checker=False)
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(8,),
+        norm_num_groups=2,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+    )
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=None,
+        unet=unet2d,
+        scheduler=diffusers.DDIMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.load_lora_weights(str(path), unet_config=unet2d.config)
     pipe.fuse_lora(lora_scale=lora_scale)
     pipe.unload_lora_weights()
@@ -391,8 +462,11 @@ def diffusers_fused(unet2d, text_encoder, path, lora_scale):
 
 @pytest.mark.parametrize("layout", ["kohya", "ldm", "peft"])
 def test_fused_equals_diffusers_peft(small, tmp_path, layout):
-    names, kwargs = {"kohya": (KOHYA, dict(alpha=3)), "ldm": (LDM, dict(alpha=3)),
-                     "peft": (PEFT, dict(peft=True, metadata=PEFT_METADATA))}[layout]
+    names, kwargs = {
+        "kohya": (KOHYA, dict(alpha=3)),
+        "ldm": (LDM, dict(alpha=3)),
+        "peft": (PEFT, dict(peft=True, metadata=PEFT_METADATA)),
+    }[layout]
     rank = {n: 2 if "ff.net" in n else 4 for n in names}
     lora_file(tmp_path / "f.safetensors", small, names, rank, **kwargs)
     reference_text = copy.deepcopy(small.text_encoder)

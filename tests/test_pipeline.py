@@ -36,6 +36,7 @@ def __getattr__(name: str):
 
 # --------------------------------------------------------------------------------------------- parity
 
+
 def test_ddim_every_step(pipes):
     """Latents after every step, then the frames; negative prompt and CFG on."""
     steps = {}
@@ -44,6 +45,7 @@ def test_ddim_every_step(pipes):
         def callback(pipe, i, t, kwargs):
             steps.setdefault(name, []).append((int(t), kwargs["latents"].clone()))
             return {}
+
         return callback
 
     for name, pipe in zip(("ref", "ours"), pipes):
@@ -161,6 +163,7 @@ def test_decode_variants_agree(pipes):
 
 # --------------------------------------------------------------------------------------------- loading
 
+
 def test_from_pretrained_sd15_folder(folders, tmp_path, caplog):
     """A runwayml-style folder (PNDM scheduler) gives DDIM with the same betas, logged; the docs' Euler
     swap sees the file's keys (Euler's own "linspace" spacing, as in diffusers)."""
@@ -196,6 +199,7 @@ def test_to_dtype(ours_session):
 
 # --------------------------------------------------------------------------------------------- demo
 
+
 def test_demo_pipeline_offline():
     """tiny_pipeline(): no diffusers, no download, seeded, the bundled tokenizer and image."""
     from pia_torch.demo import tiny_pipeline
@@ -204,7 +208,11 @@ def test_demo_pipeline_offline():
     assert pipe.unet.config.convention == "diffusers" and tiny_pipeline().unet.config.convention == "original"
     assert pipe.tokenizer.model_max_length == 77
     assert pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer("a cat").input_ids) == [
-        "<|startoftext|>", "a</w>", "cat</w>", "<|endoftext|>"]
+        "<|startoftext|>",
+        "a</w>",
+        "cat</w>",
+        "<|endoftext|>",
+    ]
     img = demo_image()
     assert img.size == (64, 64) and img.mode == "RGB"
     pipe.set_progress_bar_config(disable=True)

@@ -28,19 +28,33 @@ def test_num_videos_per_prompt(pipes):
     """Each video is its own draw; with a list of generators video k is the single run of generator k
     (up to rounding: every layer sees another batch size, so kernels sum in another order)."""
     ref, ours = pipes
-    videos = ours(image(), "a cat in a field", num_frames=4, num_inference_steps=3, num_videos_per_prompt=2,
-                  generator=gens(1, 2), output_type="np").frames
+    videos = ours(
+        image(),
+        "a cat in a field",
+        num_frames=4,
+        num_inference_steps=3,
+        num_videos_per_prompt=2,
+        generator=gens(1, 2),
+        output_type="np",
+    ).frames
     assert videos.shape == (2, 4, 16, 16, 3)
     for k, seed in enumerate((1, 2)):
         single = run(ours, seed=seed)[0]
         np.testing.assert_allclose(videos[k], single, **tol(single, pipeline_depth(ours, 3)))
-    two = run(ours, num_videos_per_prompt=2)                        # one generator: two different videos
+    two = run(ours, num_videos_per_prompt=2)  # one generator: two different videos
     assert two.shape[0] == 2 and np.abs(two[0] - two[1]).max() > 1e-2
-    four = ours(image(), ["a cat", "a hat"], num_frames=4, num_inference_steps=2, num_videos_per_prompt=2,
-                generator=gens(1, 2, 3, 4), output_type="np").frames
+    four = ours(
+        image(),
+        ["a cat", "a hat"],
+        num_frames=4,
+        num_inference_steps=2,
+        num_videos_per_prompt=2,
+        generator=gens(1, 2, 3, 4),
+        output_type="np",
+    ).frames
     single = ours(image(), "a hat", num_frames=4, num_inference_steps=2, generator=gens(3)[0], output_type="np").frames
     np.testing.assert_allclose(four[2], single[0], **tol(single[0], pipeline_depth(ours, 2)))
-    assert run(ref, num_videos_per_prompt=2).shape[0] == 1          # diffusers: silently 1
+    assert run(ref, num_videos_per_prompt=2).shape[0] == 1  # diffusers: silently 1
 
 
 def test_batch_of_images_with_strength(pipes):
@@ -78,10 +92,14 @@ def test_clip_skip(pipes, k):
     if k is None:
         return
     frames = run(ours, prompt="a cat", negative_prompt="dark", clip_skip=k)
-    direct = run(ours, prompt=None, prompt_embeds=clip_reference(ours, ["a cat"], k),
-                 negative_prompt_embeds=clip_reference(ours, ["dark"], k))
+    direct = run(
+        ours,
+        prompt=None,
+        prompt_embeds=clip_reference(ours, ["a cat"], k),
+        negative_prompt_embeds=clip_reference(ours, ["dark"], k),
+    )
     np.testing.assert_array_equal(frames, direct)
-    with pytest.raises(AttributeError):                             # diffusers: text_encoder.text_model
+    with pytest.raises(AttributeError):  # diffusers: text_encoder.text_model
         run(ref, clip_skip=k)
 
 
@@ -89,7 +107,7 @@ def test_image_of_another_size(pipes):
     """Resize to cover (height, width) keeping the aspect ratio, then center-crop; same size: untouched."""
     _, ours = pipes
     stripes = np.zeros((16, 32, 3), np.uint8)
-    stripes[:, :8, 0] = stripes[:, 24:, 0] = 255                   # red borders, green middle
+    stripes[:, :8, 0] = stripes[:, 24:, 0] = 255  # red borders, green middle
     stripes[:, 8:24, 1] = 255
     x = preprocess_image(PIL.Image.fromarray(stripes), 16, 16)
     assert x.shape == (1, 3, 16, 16)
@@ -117,8 +135,12 @@ def test_free_init_keeps_strength(pipes):
     seen: dict[str, list[int]] = {"ref": [], "ours": []}
     for name, pipe in zip(seen, pipes):
         pipe.enable_free_init(num_iters=2)
-        run(pipe, strength=0.6, num_inference_steps=5,
-            callback_on_step_end=lambda p, i, t, kw, name=name: seen[name].append(int(t)) or {})
+        run(
+            pipe,
+            strength=0.6,
+            num_inference_steps=5,
+            callback_on_step_end=lambda p, i, t, kw, name=name: seen[name].append(int(t)) or {},
+        )
     assert seen["ours"] == [400, 200, 0] * 2
     assert seen["ref"] == [666, 333, 0] * 2
 
@@ -129,8 +151,9 @@ def test_free_init_fast_sampling_keeps_strength(pipes, scheduler):
     started from its own noise level, and a strength that would leave a short pass no step still runs."""
     ours = pipes[1]
     if scheduler == "euler":
-        ours.scheduler = pia_sampling.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear",
-                                                              timestep_spacing="leading")
+        ours.scheduler = pia_sampling.EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="linear", timestep_spacing="leading"
+        )
     # N = 9, 3 iterations: the passes have 3, 6, 9 steps before the strength cut
     plain = run(ours, strength=0.7, num_inference_steps=3, output_type="latent")
     ends: list[torch.Tensor] = []
@@ -184,7 +207,7 @@ def test_free_init_euler(pipes):
     assert abs(std0 / float(ours.scheduler.init_noise_sigma) - 1) < 0.05
     for later in starts[1:]:
         assert abs(later.std().item() / std0 - 1) < 0.05, (later.std().item(), std0)
-    np.testing.assert_array_equal(frames, run(ours, **args))        # deterministic
+    np.testing.assert_array_equal(frames, run(ours, **args))  # deterministic
     assert np.isfinite(run(ours, strength=0.6, **args)).all()
 
 
@@ -223,6 +246,6 @@ def test_offload_and_vae_slicing_without_accelerator(pipes, caplog, monkeypatch)
         assert ours.device.type == "cpu"
     finally:
         ours.disable_vae_slicing()
-    assert not hasattr(ref, "enable_vae_slicing")                  # diffusers 0.42.1 removed it
-    with pytest.raises((RuntimeError, ImportError)):                # no accelerator (or no accelerate)
+    assert not hasattr(ref, "enable_vae_slicing")  # diffusers 0.42.1 removed it
+    with pytest.raises((RuntimeError, ImportError)):  # no accelerator (or no accelerate)
         ref.enable_model_cpu_offload()

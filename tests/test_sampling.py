@@ -22,9 +22,16 @@ SCHEDULES = ["linear", "scaled_linear", "squaredcos_cap_v2"]
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 # The SD1.5 scheduler/scheduler_config.json (spec schedulers.md §3.1)
 SD15_PNDM_CONFIG = {
-    "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
-    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
     "clip_sample": False,
 }
 SHAPE = (2, 4, 3, 6, 6)  # (b, c, f, h, w)
@@ -77,8 +84,9 @@ SIGMA_VARIANTS = {
     "karras_log_linear": dict(use_karras_sigmas=True, interpolation_type="log_linear"),
     "log_linear": dict(interpolation_type="log_linear"),
     "exponential": dict(use_exponential_sigmas=True),
-    "karras_range_sigma_min_final": dict(use_karras_sigmas=True, sigma_min=0.1, sigma_max=10.0,
-                                         final_sigmas_type="sigma_min"),
+    "karras_range_sigma_min_final": dict(
+        use_karras_sigmas=True, sigma_min=0.1, sigma_max=10.0, final_sigmas_type="sigma_min"
+    ),
     "sigma_min_final": dict(final_sigmas_type="sigma_min"),
 }
 
@@ -111,14 +119,21 @@ def test_spec_examples():
 
 # ------------------------------------------------------------------------------------------ steps
 
-DDIM_STEP_CASES = list(itertools.product(["epsilon", "v_prediction", "sample"], [0.0, 0.8], [False, True],
-                                         [False, True]))
+DDIM_STEP_CASES = list(
+    itertools.product(["epsilon", "v_prediction", "sample"], [0.0, 0.8], [False, True], [False, True])
+)
 
 
 @pytest.mark.parametrize("prediction_type,eta,clip_sample,set_alpha_to_one", DDIM_STEP_CASES)
 def test_ddim_step_loop(prediction_type, eta, clip_sample, set_alpha_to_one):
-    cfg = dict(SD_BETAS, steps_offset=1, prediction_type=prediction_type, clip_sample=clip_sample,
-               clip_sample_range=1.5, set_alpha_to_one=set_alpha_to_one)
+    cfg = dict(
+        SD_BETAS,
+        steps_offset=1,
+        prediction_type=prediction_type,
+        clip_sample=clip_sample,
+        clip_sample_range=1.5,
+        set_alpha_to_one=set_alpha_to_one,
+    )
     ours, ref = DDIMScheduler(**cfg), RefDDIM(**cfg)
     ours.set_timesteps(10)
     ref.set_timesteps(10)
@@ -144,14 +159,16 @@ def test_ddim_step_thresholding_and_spacings(spacing):
         assert_close(x, x_ref, **TOL)
 
 
-EULER_STEP_CASES = list(itertools.product(["epsilon", "v_prediction", "sample"], ["linspace", "leading", "trailing"],
-                                          [False, True]))
+EULER_STEP_CASES = list(
+    itertools.product(["epsilon", "v_prediction", "sample"], ["linspace", "leading", "trailing"], [False, True])
+)
 
 
 @pytest.mark.parametrize("prediction_type,spacing,karras", EULER_STEP_CASES)
 def test_euler_step_loop(prediction_type, spacing, karras):
-    cfg = dict(SD_BETAS, steps_offset=1, prediction_type=prediction_type, timestep_spacing=spacing,
-               use_karras_sigmas=karras)
+    cfg = dict(
+        SD_BETAS, steps_offset=1, prediction_type=prediction_type, timestep_spacing=spacing, use_karras_sigmas=karras
+    )
     ours, ref = EulerDiscreteScheduler(**cfg), RefEuler(**cfg)
     ours.set_timesteps(10)
     ref.set_timesteps(10)
@@ -201,8 +218,12 @@ def test_euler_step_function_is_not_the_shortcut():
     ref = RefEuler(**SD_BETAS)
     ref.set_timesteps(25)
     ref.set_begin_index(0)
-    assert_close(euler_step(x, eps, ref.sigmas[0], ref.sigmas[1])[0], ref.step(eps, ref.timesteps[0], x).prev_sample,
-                 atol=0, rtol=0)
+    assert_close(
+        euler_step(x, eps, ref.sigmas[0], ref.sigmas[1])[0],
+        ref.step(eps, ref.timesteps[0], x).prev_sample,
+        atol=0,
+        rtol=0,
+    )
     shortcut = x + eps * (sigma_next - sigma)
     # equal in exact arithmetic: ~5 roundings (≤ ½ ulp each) at the scale of x0 = x − σ·ε, |x| + |σ·ε|
     assert_close(euler_step(x, eps, sigma, sigma_next)[0], shortcut, **tol(x.abs() + (sigma * eps).abs(), ulps=4))
@@ -229,7 +250,7 @@ def test_ddim_add_noise_pia_batch_broadcast():
     """diffusers' PIA passes a 4-D condition latent with (B,) timesteps: coefficients pair with its
     first (channel) axis. The same broadcasting must come out (B = 4 runs, spec pipeline.md §3.8)."""
     ours, ref = DDIMScheduler(**SD_BETAS), RefDDIM(**SD_BETAS)
-    x0 = fake_outputs(1, seed=5)[0][0]                       # (4, f, h, w)
+    x0 = fake_outputs(1, seed=5)[0][0]  # (4, f, h, w)
     noise = fake_outputs(1, seed=6)[0][:1].repeat(4, 1, 1, 1, 1)  # (4, 4, f, h, w)
     t = torch.tensor([500, 400, 300, 200])
     out = ours.add_noise(x0, noise, t)
@@ -257,10 +278,13 @@ def _resaved_ddim_config() -> dict:
     return {"_class_name": "DDIMScheduler", "_diffusers_version": "0.42.1", **cfg}
 
 
-CONFIGS = {"sd15_pndm": lambda: dict(SD15_PNDM_CONFIG), "ddim_live": _live_ddim_config,
-           "ddim_resaved": _resaved_ddim_config,
-           "ddim_from_pndm": lambda: dict(RefDDIM.from_config(SD15_PNDM_CONFIG).config),
-           "euler_from_pndm": lambda: dict(RefEuler.from_config(SD15_PNDM_CONFIG).config)}
+CONFIGS = {
+    "sd15_pndm": lambda: dict(SD15_PNDM_CONFIG),
+    "ddim_live": _live_ddim_config,
+    "ddim_resaved": _resaved_ddim_config,
+    "ddim_from_pndm": lambda: dict(RefDDIM.from_config(SD15_PNDM_CONFIG).config),
+    "euler_from_pndm": lambda: dict(RefEuler.from_config(SD15_PNDM_CONFIG).config),
+}
 
 
 @pytest.mark.parametrize("n", [4, 25])
@@ -293,8 +317,13 @@ def test_from_config_overrides_and_round_trip():
     assert "skip_prk_steps" not in s.config
     s.config["timestep_spacing"] = "linspace"  # .config is a copy: the scheduler is unchanged
     assert s.config["timestep_spacing"] == "trailing"
-    for obj in (s, EulerDiscreteScheduler.from_config(s.config), DDIMScheduler(), EulerDiscreteScheduler(),
-                EulerDiscreteScheduler(**SD_BETAS, use_karras_sigmas=True)):
+    for obj in (
+        s,
+        EulerDiscreteScheduler.from_config(s.config),
+        DDIMScheduler(),
+        EulerDiscreteScheduler(),
+        EulerDiscreteScheduler(**SD_BETAS, use_karras_sigmas=True),
+    ):
         cls = type(obj)
         assert cls.from_config(obj.config).config == obj.config
     # our config fed to diffusers (the documented cross-class use) gives diffusers' own result
@@ -313,7 +342,7 @@ def ref_get_timesteps(ref, n: int, strength: float) -> torch.Tensor:
     ref.set_timesteps(n)
     init_timestep = min(int(n * strength), n)
     t_start = max(n - init_timestep, 0)
-    timesteps = ref.timesteps[t_start * ref.order:]
+    timesteps = ref.timesteps[t_start * ref.order :]
     if hasattr(ref, "set_begin_index"):
         ref.set_begin_index(t_start * ref.order)
     return timesteps
@@ -357,8 +386,14 @@ def test_sample_loop_matches_diffusers_loop(cls, ref_cls):
     def callback(d):
         seen.append((d["i"], d["t"]))
 
-    x = sample(lambda x, t: model(ours.scale_model_input(x, t), t), start, timesteps, ours.step_with_x0,
-               callback=callback, progress=False)
+    x = sample(
+        lambda x, t: model(ours.scale_model_input(x, t), t),
+        start,
+        timesteps,
+        ours.step_with_x0,
+        callback=callback,
+        progress=False,
+    )
     ref_ts = ref_get_timesteps(ref, 6, 1.0)
     x_ref = start
     for t in ref_ts:
@@ -373,8 +408,14 @@ def test_sample_callback_can_replace_x():
     timesteps = prepare_timesteps(s, 4)
     start = fake_outputs(1)[0]
     plain = sample(lambda x, t: 0.1 * x, start, timesteps, s.step_with_x0, progress=False)
-    zeroed = sample(lambda x, t: 0.1 * x, start, timesteps, s.step_with_x0, progress=False,
-                    callback=lambda d: {"x": torch.zeros_like(d["x"])} if d["i"] == 3 else None)
+    zeroed = sample(
+        lambda x, t: 0.1 * x,
+        start,
+        timesteps,
+        s.step_with_x0,
+        progress=False,
+        callback=lambda d: {"x": torch.zeros_like(d["x"])} if d["i"] == 3 else None,
+    )
     assert torch.equal(zeroed, torch.zeros_like(start)) and not torch.equal(plain, zeroed)
 
 
@@ -393,17 +434,29 @@ def test_randn_tensor_matches_diffusers():
 
 
 @pytest.mark.parametrize("cls", [DDIMScheduler, EulerDiscreteScheduler])
-@pytest.mark.parametrize("kwargs,named", [(dict(beta_schedule="cosine"), "cosine"),
-                                          (dict(timestep_spacing="uniform"), "uniform"),
-                                          (dict(prediction_type="x0"), "x0"), (dict(not_an_option=1), "not_an_option")])
+@pytest.mark.parametrize(
+    "kwargs,named",
+    [
+        (dict(beta_schedule="cosine"), "cosine"),
+        (dict(timestep_spacing="uniform"), "uniform"),
+        (dict(prediction_type="x0"), "x0"),
+        (dict(not_an_option=1), "not_an_option"),
+    ],
+)
 def test_bad_options(cls, kwargs, named):
     with pytest.raises(ValueError, match=named):
         cls(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs", [dict(use_beta_sigmas=True), dict(interpolation_type="cubic"),
-                                    dict(final_sigmas_type="one"),
-                                    dict(use_karras_sigmas=True, use_exponential_sigmas=True)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(use_beta_sigmas=True),
+        dict(interpolation_type="cubic"),
+        dict(final_sigmas_type="one"),
+        dict(use_karras_sigmas=True, use_exponential_sigmas=True),
+    ],
+)
 def test_bad_euler_options(kwargs):
     with pytest.raises(ValueError):
         EulerDiscreteScheduler(**kwargs)

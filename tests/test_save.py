@@ -48,6 +48,7 @@ def assert_same_tensors(ours: dict, theirs: dict) -> None:
 
 # ------------------------------------------------------------------------------------------ configs
 
+
 @pytest.mark.parametrize("convention", ["original", "diffusers"])
 def test_configs_match_diffusers_and_round_trip(size, convention):
     motion = MotionConfig.from_diffusers(as_saved(make_adapter(size)))
@@ -76,9 +77,11 @@ def test_full_size_configs_rebuild_the_same_module_trees():
     assert VAEConfig.from_diffusers(saving.vae_config_dict(SD_VAE)) == SD_VAE
 
     with torch.device("meta"):
-        theirs = [diffusers.UNetMotionModel.from_config(saving.unet_config_dict(PIA_UNET)),
-                  diffusers.MotionAdapter.from_config(saving.motion_config_dict(PIA_MOTION)),
-                  diffusers.AutoencoderKL.from_config(saving.vae_config_dict(SD_VAE))]
+        theirs = [
+            diffusers.UNetMotionModel.from_config(saving.unet_config_dict(PIA_UNET)),
+            diffusers.MotionAdapter.from_config(saving.motion_config_dict(PIA_MOTION)),
+            diffusers.AutoencoderKL.from_config(saving.vae_config_dict(SD_VAE)),
+        ]
         unet, vae = UNet(PIA_UNET), AutoencoderKL(SD_VAE)
     ours_unet = unet_sd(unet)
     ours_adapter = {k: t for k, t in ours_unet.items() if ".motion_modules." in k or k.startswith("conv_in.")}
@@ -88,6 +91,7 @@ def test_full_size_configs_rebuild_the_same_module_trees():
 
 
 # ------------------------------------------------------------------------------------------ models
+
 
 def test_adapter_round_trip(folders, tmp_path):
     adapter = MotionAdapter.from_pretrained(folders["adapter"])
@@ -136,6 +140,7 @@ def test_save_model_never_leaves_a_partial_file(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------ pipeline
 
+
 @pytest.fixture(scope="module")
 def saved(ours_session, tmp_path_factory):
     folder = tmp_path_factory.mktemp("saved") / "pia"
@@ -176,11 +181,16 @@ def test_saved_pipeline_loads_in_pia_torch(pipes, saved):
 
 def test_float16_pipeline_saves_float16(folders, tmp_path, one_thread):
     adapter = MotionAdapter.from_pretrained(folders["adapter"])
-    pipe = PIAPipeline.from_pretrained(folders["base"], motion_adapter=adapter, torch_dtype=torch.float16,
-                                       convention="diffusers")
+    pipe = PIAPipeline.from_pretrained(
+        folders["base"], motion_adapter=adapter, torch_dtype=torch.float16, convention="diffusers"
+    )
     saving.save_pipeline(pipe, tmp_path)  # an existing (empty) folder is filled
-    for name in ("unet/diffusion_pytorch_model", "motion_adapter/diffusion_pytorch_model",
-                 "vae/diffusion_pytorch_model", "text_encoder/model"):
+    for name in (
+        "unet/diffusion_pytorch_model",
+        "motion_adapter/diffusion_pytorch_model",
+        "vae/diffusion_pytorch_model",
+        "text_encoder/model",
+    ):
         assert {t.dtype for t in load_file(tmp_path / f"{name}.safetensors").values()} == {torch.float16}, name
     theirs = diffusers.PIAPipeline.from_pretrained(tmp_path, dtype=torch.float16)
     assert_same_tensors(unet_sd(pipe.unet), theirs.unet.state_dict())

@@ -46,11 +46,17 @@ def randn(seed: int, shape=SHAPE) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ DPM-Solver++(2M)
 
 DPM_VARIANTS = {
-    "default": {}, "karras": dict(use_karras_sigmas=True), "heun": dict(solver_type="heun"),
-    "v_prediction": dict(prediction_type="v_prediction"), "sample": dict(prediction_type="sample"),
-    "sigma_min_final": dict(final_sigmas_type="sigma_min"), "no_lower_order_final": dict(lower_order_final=False),
-    "euler_at_final": dict(euler_at_final=True, final_sigmas_type="sigma_min"), "order_1": dict(solver_order=1),
-    "thresholding": dict(thresholding=True, sample_max_value=2.0), "offset": dict(steps_offset=1),
+    "default": {},
+    "karras": dict(use_karras_sigmas=True),
+    "heun": dict(solver_type="heun"),
+    "v_prediction": dict(prediction_type="v_prediction"),
+    "sample": dict(prediction_type="sample"),
+    "sigma_min_final": dict(final_sigmas_type="sigma_min"),
+    "no_lower_order_final": dict(lower_order_final=False),
+    "euler_at_final": dict(euler_at_final=True, final_sigmas_type="sigma_min"),
+    "order_1": dict(solver_order=1),
+    "thresholding": dict(thresholding=True, sample_max_value=2.0),
+    "offset": dict(steps_offset=1),
     "zero_snr": dict(rescale_betas_zero_snr=True, prediction_type="v_prediction"),
 }
 
@@ -131,10 +137,20 @@ def test_dpm_config_matches_diffusers():
     assert (deis.config["algorithm_type"], deis.config["solver_type"]) == ("dpmsolver++", "midpoint")
 
 
-@pytest.mark.parametrize("kwargs", [dict(algorithm_type="sde-dpmsolver++"), dict(algorithm_type="dpmsolver"),
-                                    dict(solver_order=3), dict(use_lu_lambdas=True), dict(use_exponential_sigmas=True),
-                                    dict(variance_type="learned_range"), dict(lambda_min_clipped=-5.1),
-                                    dict(prediction_type="flow_prediction"), dict(timestep_spacing="uniform")])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(algorithm_type="sde-dpmsolver++"),
+        dict(algorithm_type="dpmsolver"),
+        dict(solver_order=3),
+        dict(use_lu_lambdas=True),
+        dict(use_exponential_sigmas=True),
+        dict(variance_type="learned_range"),
+        dict(lambda_min_clipped=-5.1),
+        dict(prediction_type="flow_prediction"),
+        dict(timestep_spacing="uniform"),
+    ],
+)
 def test_dpm_unsupported_options(kwargs):
     with pytest.raises(ValueError):
         DPMSolverMultistepScheduler(**kwargs)
@@ -179,8 +195,15 @@ def test_sample_loop_is_stateless_and_reports_x0(name):
         seen.append(x)
         return torch.tanh(x) * 0.5 + torch.cos(t.float() / 100)
 
-    x = sample(model, start, timesteps, ours.step_with_x0, callback=states.append, progress=False,
-               sigmas=step_sigmas(ours, timesteps))
+    x = sample(
+        model,
+        start,
+        timesteps,
+        ours.step_with_x0,
+        callback=states.append,
+        progress=False,
+        sigmas=step_sigmas(ours, timesteps),
+    )
     x_ref = start
     for k, t in enumerate(timesteps):
         x_in = ref.scale_model_input(x_ref, t)
@@ -220,8 +243,11 @@ def use_dpm(pipes, **kwargs) -> None:
 def test_dpm_pipeline_matches_diffusers(pipes, case):
     """diffusers' PIAPipeline with DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)."""
     use_dpm(pipes, **(dict(use_karras_sigmas=True) if case == "karras_6_steps" else {}))
-    args = {"plain": {}, "strength": dict(strength=0.6, num_inference_steps=5),
-            "karras_6_steps": dict(num_inference_steps=6)}[case]
+    args = {
+        "plain": {},
+        "strength": dict(strength=0.6, num_inference_steps=5),
+        "karras_6_steps": dict(num_inference_steps=6),
+    }[case]
     assert_parity(pipes, **args)
 
 
@@ -247,6 +273,7 @@ def test_pipeline_takes_any_registry_sampler(pipes):
     for name, cls in SAMPLERS.items():
         ours.scheduler = cls.from_config(ours.scheduler.config)
         steps = []
-        frames = run(ours, num_inference_steps=3, callback_on_step_end=lambda p, i, t, kw: steps.append(i) or {})
+        frames = run(
+            ours, num_inference_steps=3, callback_on_step_end=lambda p, i, t, kw, steps=steps: steps.append(i) or {}
+        )
         assert np.isfinite(frames).all() and steps == [0, 1, 2], name
-

@@ -45,8 +45,17 @@ def text_encoder(seed: int = 40) -> CLIPTextModel:
     """A small CLIP text tower whose width is the small UNet's cross_attention_dim (32)."""
     torch.manual_seed(seed)
     vocab = len(CLIPTokenizer.from_pretrained(ASSETS / "tokenizer"))
-    config = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                            vocab_size=vocab, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    config = CLIPTextConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=vocab,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
     return randomize_(CLIPTextModel(config).eval(), seed + 1)
 
 
@@ -59,10 +68,15 @@ def to_ldm(models: dict[str, torch.nn.Module], text_prefix: str = "text_model.")
             key = key.removeprefix("text_model.")
             ldm = names[f"{component}.text_model.{key}" if component == "text_encoder" else f"{component}.{key}"]
             if component == "text_encoder":
-                ldm = ldm.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer." + text_prefix)
-            if component == "vae" and ".mid.attn_1." in ldm and ldm.endswith(("q.weight", "k.weight", "v.weight",
-                                                                            "proj_out.weight")):
-                tensor = tensor[:, :, None, None]                  # (c, c) -> (c, c, 1, 1)
+                ldm = ldm.replace(
+                    "cond_stage_model.transformer.text_model.", "cond_stage_model.transformer." + text_prefix
+                )
+            if (
+                component == "vae"
+                and ".mid.attn_1." in ldm
+                and ldm.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight"))
+            ):
+                tensor = tensor[:, :, None, None]  # (c, c) -> (c, c, 1, 1)
             sd[ldm] = tensor.clone()
     return sd
 
@@ -81,19 +95,35 @@ def small(tmp_path_factory) -> dict:
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     make_adapter("small").save_pretrained(root / "adapter")
     sd = to_ldm(models)
-    ema = {"model_ema." + k.removeprefix("model.diffusion_model.").replace(".", ""): t + 1
-           for k, t in list(sd.items())[:5] if k.startswith("model.diffusion_model.")}
-    extras = {"model_ema.decay": torch.tensor(0.999), "betas": torch.linspace(0, 1, 1000),
-              "alphas_cumprod": torch.ones(1000), "cond_stage_model.transformer.text_model.embeddings.position_ids":
-              torch.arange(77)[None], "lora_te_something.weight": torch.ones(2)}
+    ema = {
+        "model_ema." + k.removeprefix("model.diffusion_model.").replace(".", ""): t + 1
+        for k, t in list(sd.items())[:5]
+        if k.startswith("model.diffusion_model.")
+    }
+    extras = {
+        "model_ema.decay": torch.tensor(0.999),
+        "betas": torch.linspace(0, 1, 1000),
+        "alphas_cumprod": torch.ones(1000),
+        "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None],
+        "lora_te_something.weight": torch.ones(2),
+    }
     save_file({**sd, **ema, **extras}, root / "model.safetensors")
-    return {"root": root, "folder": folder, "file": root / "model.safetensors", "adapter": root / "adapter",
-            "models": models, "ldm": sd}
+    return {
+        "root": root,
+        "folder": folder,
+        "file": root / "model.safetensors",
+        "adapter": root / "adapter",
+        "models": models,
+        "ldm": sd,
+    }
 
 
 def state(pipe: PIAPipeline) -> dict[str, torch.Tensor]:
-    return {f"{name}.{k}": t for name in ("unet", "vae", "text_encoder")
-            for k, t in getattr(pipe, name).state_dict().items()}
+    return {
+        f"{name}.{k}": t
+        for name in ("unet", "vae", "text_encoder")
+        for k, t in getattr(pipe, name).state_dict().items()
+    }
 
 
 def assert_same_weights(a: PIAPipeline, b: PIAPipeline) -> None:
@@ -104,16 +134,24 @@ def assert_same_weights(a: PIAPipeline, b: PIAPipeline) -> None:
 
 def frames(pipe: PIAPipeline) -> np.ndarray:
     pipe.set_progress_bar_config(disable=True)
-    return pipe(demo_image().resize((32, 32)), "hills", num_frames=2, num_inference_steps=2, output_type="np",
-                generator=torch.Generator().manual_seed(0)).frames
+    return pipe(
+        demo_image().resize((32, 32)),
+        "hills",
+        num_frames=2,
+        num_inference_steps=2,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).frames
 
 
 # --------------------------------------------------------------------------------------------- LDM checkpoints
 
+
 def test_single_file_equals_the_folder(small):
     adapter = MotionAdapter.from_pretrained(small["adapter"])
-    ours = PIAPipeline.from_single_file(small["file"], motion_adapter=adapter, config=small["folder"],
-                                        convention="diffusers")
+    ours = PIAPipeline.from_single_file(
+        small["file"], motion_adapter=adapter, config=small["folder"], convention="diffusers"
+    )
     folder = PIAPipeline.from_pretrained(small["folder"], motion_adapter=adapter, convention="diffusers")
     assert_same_weights(ours, folder)
     np.testing.assert_array_equal(frames(ours), frames(folder))
@@ -147,12 +185,15 @@ def test_single_file_forms(small, tmp_path, form):
 
 def test_diffusers_reads_the_same_weights(small):
     """diffusers' own from_single_file(config=...) on the same file gives the same UNet and VAE tensors."""
-    unet = diffusers.UNet2DConditionModel.from_single_file(small["file"], config=str(small["folder"]),
-                                                           subfolder="unet", local_files_only=True)
-    vae = diffusers.AutoencoderKL.from_single_file(small["file"], config=str(small["folder"]), subfolder="vae",
-                                                   local_files_only=True)
-    ours = PIAPipeline.from_single_file(small["file"], motion_adapter=MotionAdapter.from_pretrained(small["adapter"]),
-                                        config=small["folder"])
+    unet = diffusers.UNet2DConditionModel.from_single_file(
+        small["file"], config=str(small["folder"]), subfolder="unet", local_files_only=True
+    )
+    vae = diffusers.AutoencoderKL.from_single_file(
+        small["file"], config=str(small["folder"]), subfolder="vae", local_files_only=True
+    )
+    ours = PIAPipeline.from_single_file(
+        small["file"], motion_adapter=MotionAdapter.from_pretrained(small["adapter"]), config=small["folder"]
+    )
     unet_sd = diffusers_names(ours.unet.state_dict())
     for key, tensor in unet.state_dict().items():
         want = unet_sd[key][:, :4] if key == "conv_in.weight" else unet_sd[key]  # channels 0-3 come from the file
@@ -170,13 +211,16 @@ def test_separate_vae(small, tmp_path):
     save_file(bare, tmp_path / "vae.safetensors")
     adapter = MotionAdapter.from_pretrained(small["adapter"])
     want = PIAPipeline.from_pretrained(small["folder"], motion_adapter=adapter, vae=tmp_path / "vae_folder").vae
-    for pipe in (PIAPipeline.from_single_file(small["file"], adapter, config=small["folder"],
-                                              vae=tmp_path / "vae.safetensors"),
-                 PIAPipeline.from_pretrained(small["folder"], motion_adapter=adapter, vae=tmp_path / "vae.safetensors")):
+    for pipe in (
+        PIAPipeline.from_single_file(small["file"], adapter, config=small["folder"], vae=tmp_path / "vae.safetensors"),
+        PIAPipeline.from_pretrained(small["folder"], motion_adapter=adapter, vae=tmp_path / "vae.safetensors"),
+    ):
         got = pipe.vae.state_dict()
         assert all(torch.equal(t, got[k]) for k, t in want.state_dict().items())
-    assert not torch.equal(want.state_dict()["decoder.conv_in.weight"],
-                           diffusers_names(make_vae("small").state_dict())["decoder.conv_in.weight"])
+    assert not torch.equal(
+        want.state_dict()["decoder.conv_in.weight"],
+        diffusers_names(make_vae("small").state_dict())["decoder.conv_in.weight"],
+    )
 
 
 def test_strict(small, tmp_path):
@@ -191,12 +235,15 @@ def test_strict(small, tmp_path):
     assert "input_blocks.4.0.in_layers.2.weight" in str(e.value) and "in_layers.9.weight" in str(e.value)
     del sd["model.diffusion_model.input_blocks.4.0.in_layers.9.weight"]
     sd["model.diffusion_model.input_blocks.4.0.in_layers.2.weight"] = small["ldm"][
-        "model.diffusion_model.input_blocks.4.0.in_layers.2.weight"]
+        "model.diffusion_model.input_blocks.4.0.in_layers.2.weight"
+    ]
     save_file(sd, tmp_path / "bad.safetensors")
     with pytest.raises(CheckpointError, match=r"decoder\.conv_in\.weight: checkpoint \(3,\)"):
         PIAPipeline.from_single_file(tmp_path / "bad.safetensors", adapter, config=small["folder"])
-    save_file({k: t for k, t in small["ldm"].items() if not k.startswith("first_stage_model.")},
-              tmp_path / "novae.safetensors")
+    save_file(
+        {k: t for k, t in small["ldm"].items() if not k.startswith("first_stage_model.")},
+        tmp_path / "novae.safetensors",
+    )
     with pytest.raises(ValueError, match="holds no VAE"):
         PIAPipeline.from_single_file(tmp_path / "novae.safetensors", adapter, config=small["folder"])
 
@@ -236,7 +283,9 @@ def test_tokenizer_from_the_hub_cache(small, tmp_path, monkeypatch):
     (repo / "refs" / "main").write_text("abc123")
     shutil.copytree(ASSETS / "tokenizer", repo / "snapshots" / "abc123")
     tokenizer = _tokenizer(tmp_path)
-    assert tokenizer.model_max_length == 77 and len(tokenizer) == len(CLIPTokenizer.from_pretrained(ASSETS / "tokenizer"))
+    assert tokenizer.model_max_length == 77 and len(tokenizer) == len(
+        CLIPTokenizer.from_pretrained(ASSETS / "tokenizer")
+    )
 
 
 def test_full_sd15_key_coverage():
@@ -249,10 +298,14 @@ def test_full_sd15_key_coverage():
     vae = VAEConfig.from_diffusers(json.loads((SD15_CONFIGS / "vae" / "config.json").read_text()))
     text_config = CLIPTextConfig.from_pretrained(SD15_CONFIGS / "text_encoder")
     with torch.device("meta"):
-        text = {k.removeprefix("text_model."): tuple(t.shape) for k, t in CLIPTextModel(text_config).state_dict().items()}
-    mapped = {"unet": from_ldm(parts["unet"], "unet", _expected(UNet, unet), unet),
-              "vae": from_ldm(parts["vae"], "vae", _expected(AutoencoderKL, vae)),
-              "text_encoder": from_ldm(parts["text_encoder"], "text_encoder", text)}
+        text = {
+            k.removeprefix("text_model."): tuple(t.shape) for k, t in CLIPTextModel(text_config).state_dict().items()
+        }
+    mapped = {
+        "unet": from_ldm(parts["unet"], "unet", _expected(UNet, unet), unet),
+        "vae": from_ldm(parts["vae"], "vae", _expected(AutoencoderKL, vae)),
+        "text_encoder": from_ldm(parts["text_encoder"], "text_encoder", text),
+    }
     got = {f"{c}.text_model.{k}" if c == "text_encoder" else f"{c}.{k}" for c, m in mapped.items() for k in m}
     assert got == {r["diffusers_key"] for r in rows if not r["ldm_key"].endswith("position_ids")}
     assert sum(len(m) for m in mapped.values()) == 686 + 248 + 196
@@ -261,9 +314,16 @@ def test_full_sd15_key_coverage():
 def test_ldm_names_of_non_mirrored_blocks():
     """up_blocks' upsampler index follows the up level's own attention (diffusers' PIA test model has
     down (CrossAttn, Down) with up (CrossAttn, Up), not a mirror)."""
-    config = UNetConfig.from_diffusers(dict(
-        block_out_channels=(8, 8), layers_per_block=2, norm_num_groups=2, cross_attention_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")))
+    config = UNetConfig.from_diffusers(
+        dict(
+            block_out_channels=(8, 8),
+            layers_per_block=2,
+            norm_num_groups=2,
+            cross_attention_dim=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        )
+    )
     assert config.up_attention == (True, False) and config.cross_attention == (True, False)
     assert ldm_path("unet", "up_blocks.0.upsamplers.0.conv.weight", config) == "output_blocks.2.2.conv.weight"
     with torch.device("meta"):
@@ -272,6 +332,7 @@ def test_ldm_names_of_non_mirrored_blocks():
 
 
 # --------------------------------------------------------------------------------------------- pia.ckpt
+
 
 def to_pia_ckpt(adapter_sd: dict[str, torch.Tensor], max_seq_length: int) -> dict[str, torch.Tensor]:
     """A diffusers MotionAdapter state dict -> the original PIA layout, by the spec's substitutions
@@ -284,14 +345,19 @@ def to_pia_ckpt(adapter_sd: dict[str, torch.Tensor], max_seq_length: int) -> dic
         if ".motion_modules." in key:
             block, rest = key.split(".motion_modules.")
             index, rest = rest.split(".", 1)
-            rest = (rest.replace("norm1", "norms.0").replace("norm2", "norms.1").replace("norm3", "ff_norm")
-                    .replace("attn1", "attention_blocks.0").replace("attn2", "attention_blocks.1"))
+            rest = (
+                rest.replace("norm1", "norms.0")
+                .replace("norm2", "norms.1")
+                .replace("norm3", "ff_norm")
+                .replace("attn1", "attention_blocks.0")
+                .replace("attn2", "attention_blocks.1")
+            )
             key = f"{block}.motion_modules.{index}.temporal_transformer.{rest}"
             if key.endswith("attention_blocks.0.to_q.weight") or key.endswith("attention_blocks.1.to_q.weight"):
                 pe = key.replace("to_q.weight", "pos_encoder.pe")
                 out[pe] = frame_positions(max_seq_length, tensor.shape[0]).reshape(1, max_seq_length, -1)
         out[key] = tensor.clone()
-    out["down_blocks.0.attentions.0.proj_in.weight"] = torch.ones(3)   # the UNet's own, not the adapter's
+    out["down_blocks.0.attentions.0.proj_in.weight"] = torch.ones(3)  # the UNet's own, not the adapter's
     return out
 
 
@@ -330,8 +396,11 @@ def test_pia_ckpt_full_key_map():
     rows = list(csv.DictReader(open(KEYS / "pia_ckpt_motion_keymap.tsv"), delimiter="\t"))
     renamed, ignored = remap({r["pia_ckpt_key"]: r["shape"] for r in rows}, "pia_ckpt")
     assert len(ignored) == 40 and all(k.endswith("pos_encoder.pe") for k in ignored)
-    want = {r["diffusers_motion_adapter_key"].split(" (")[0]: r["shape"] for r in rows  # "conv_in.bias (note)"
-            if not r["diffusers_motion_adapter_key"].startswith("(dropped")}
+    want = {
+        r["diffusers_motion_adapter_key"].split(" (")[0]: r["shape"]
+        for r in rows  # "conv_in.bias (note)"
+        if not r["diffusers_motion_adapter_key"].startswith("(dropped")
+    }
     assert renamed == want and len(want) == 522
     assert PIA_MOTION.conv_in_channels == 9 and ADAPTER["small"]["conv_in_channels"] == 9
 
@@ -350,6 +419,7 @@ def test_conv_in_from_the_adapter(tmp_path):
 
 # --------------------------------------------------------------------------------------------- CLI
 
+
 def test_cli_single_files_vae_lora(small, tmp_path, capsys):
     """pia-torch with a single-file --base (+ --config), pia.ckpt as --adapter, a --vae file and two --lora
     files: it runs, the LoRAs change the video, and the sidecar records every file with its sha256."""
@@ -361,21 +431,57 @@ def test_cli_single_files_vae_lora(small, tmp_path, capsys):
 
     adapter = make_adapter("small")
     torch.save(to_pia_ckpt(adapter.state_dict(), 32), tmp_path / "pia.ckpt")
-    save_file({k.removeprefix("first_stage_model."): t for k, t in to_ldm({"vae": make_vae("small", seed=5)}).items()},
-              tmp_path / "vae.safetensors")
+    save_file(
+        {k.removeprefix("first_stage_model."): t for k, t in to_ldm({"vae": make_vae("small", seed=5)}).items()},
+        tmp_path / "vae.safetensors",
+    )
     g = torch.Generator().manual_seed(0)
     name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     for i in range(2):
-        save_file({f"{name}.lora_down.weight": torch.randn(4, 32, generator=g),
-                   f"{name}.lora_up.weight": torch.randn(32, 4, generator=g), f"{name}.alpha": torch.tensor(4.0)},
-                  tmp_path / f"l{i}.safetensors")
+        save_file(
+            {
+                f"{name}.lora_down.weight": torch.randn(4, 32, generator=g),
+                f"{name}.lora_up.weight": torch.randn(32, 4, generator=g),
+                f"{name}.alpha": torch.tensor(4.0),
+            },
+            tmp_path / f"l{i}.safetensors",
+        )
     Image.new("RGB", (32, 32), (20, 120, 220)).save(tmp_path / "img.png")
-    common = ["--base", str(small["file"]), "--config", str(small["folder"]), "--adapter", str(tmp_path / "pia.ckpt"),
-              "--vae", str(tmp_path / "vae.safetensors"), "--image", str(tmp_path / "img.png"), "--prompt", "p",
-              "--frames", "2", "--steps", "1", "--guidance", "1"]
+    common = [
+        "--base",
+        str(small["file"]),
+        "--config",
+        str(small["folder"]),
+        "--adapter",
+        str(tmp_path / "pia.ckpt"),
+        "--vae",
+        str(tmp_path / "vae.safetensors"),
+        "--image",
+        str(tmp_path / "img.png"),
+        "--prompt",
+        "p",
+        "--frames",
+        "2",
+        "--steps",
+        "1",
+        "--guidance",
+        "1",
+    ]
     assert cli.main([*common, "--out", str(tmp_path / "plain.gif")]) == 0
-    assert cli.main([*common, "--lora", f"{tmp_path / 'l0.safetensors'}:0.5", "--lora", str(tmp_path / "l1.safetensors"),
-                     "--out", str(tmp_path / "lora.gif")]) == 0
+    assert (
+        cli.main(
+            [
+                *common,
+                "--lora",
+                f"{tmp_path / 'l0.safetensors'}:0.5",
+                "--lora",
+                str(tmp_path / "l1.safetensors"),
+                "--out",
+                str(tmp_path / "lora.gif"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert (tmp_path / "plain.gif").read_bytes() != (tmp_path / "lora.gif").read_bytes()
     info = json.loads((tmp_path / "lora.json").read_text())
@@ -386,8 +492,10 @@ def test_cli_single_files_vae_lora(small, tmp_path, capsys):
     models = info["models"]
     assert models["base"]["sha256"] == sha(small["file"]) and models["adapter"]["sha256"] == sha(tmp_path / "pia.ckpt")
     assert models["vae"]["sha256"] == sha(tmp_path / "vae.safetensors")
-    assert [(m["sha256"], m["weight"]) for m in models["lora"]] == [(sha(tmp_path / "l0.safetensors"), 0.5),
-                                                                    (sha(tmp_path / "l1.safetensors"), 1.0)]
+    assert [(m["sha256"], m["weight"]) for m in models["lora"]] == [
+        (sha(tmp_path / "l0.safetensors"), 0.5),
+        (sha(tmp_path / "l1.safetensors"), 1.0),
+    ]
     assert info["image"]["sha256"] == sha(tmp_path / "img.png")
     assert cli.main([*common, "--lora", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "x.gif")]) == 2
     assert "not found" in capsys.readouterr().err

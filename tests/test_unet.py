@@ -107,6 +107,7 @@ def test_bad_inputs_raise(checkpoints):
 
 # ------------------------------------------------------------------------------------------ configs
 
+
 def test_convention_is_checked_and_shown():
     with pytest.raises(ValueError, match="convention"):
         replace(tiny_unet(), convention="pia")
@@ -134,8 +135,13 @@ def test_unet_config_reads_motion_and_legacy_head_count():
 
 def test_pia_preset_has_the_diffusers_tree():
     """PIA_UNET builds exactly the SD1.5 + PIA UNetMotionModel parameters (renamed; pe recomputed)."""
-    renames = [(".to_out.0.", ".to_out."), (".ff.net.0.proj.", ".ff.proj_in."), (".ff.net.2.", ".ff.proj_out."),
-               (".downsamplers.0.", ".downsample."), (".upsamplers.0.", ".upsample.")]
+    renames = [
+        (".to_out.0.", ".to_out."),
+        (".ff.net.0.proj.", ".ff.proj_in."),
+        (".ff.net.2.", ".ff.proj_out."),
+        (".downsamplers.0.", ".downsample."),
+        (".upsamplers.0.", ".upsample."),
+    ]
     with torch.device("meta"):
         ref = UNetMotionModel(
             in_channels=9, cross_attention_dim=768, num_attention_heads=8, use_motion_mid_block=False, sample_size=64
@@ -152,26 +158,52 @@ def test_pia_preset_has_the_diffusers_tree():
     assert replace(SD15_UNET, in_channels=9, motion=PIA_UNET.motion) == PIA_UNET
 
 
-@pytest.mark.parametrize("key,value", [
-    ("use_linear_projection", True), ("upcast_attention", True), ("resnet_time_scale_shift", "scale_shift"),
-    ("class_embed_type", "timestep"), ("addition_embed_type", "text"), ("encoder_hid_dim", 768),
-    ("transformer_layers_per_block", 2), ("dual_cross_attention", True), ("only_cross_attention", True),
-    ("time_embedding_type", "fourier"), ("act_fn", "gelu"), ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
-    ("down_block_types", ("SimpleCrossAttnDownBlock2D", "DownBlock2D")), ("up_block_types", ("SimpleCrossAttnUpBlock2D", "UpBlock2D")),
-    ("flip_sin_to_cos", False), ("norm_num_groups", None), ("conv_in_kernel", 7), ("cross_attention_dim", [8, 16]),
-])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("use_linear_projection", True),
+        ("upcast_attention", True),
+        ("resnet_time_scale_shift", "scale_shift"),
+        ("class_embed_type", "timestep"),
+        ("addition_embed_type", "text"),
+        ("encoder_hid_dim", 768),
+        ("transformer_layers_per_block", 2),
+        ("dual_cross_attention", True),
+        ("only_cross_attention", True),
+        ("time_embedding_type", "fourier"),
+        ("act_fn", "gelu"),
+        ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
+        ("down_block_types", ("SimpleCrossAttnDownBlock2D", "DownBlock2D")),
+        ("up_block_types", ("SimpleCrossAttnUpBlock2D", "UpBlock2D")),
+        ("flip_sin_to_cos", False),
+        ("norm_num_groups", None),
+        ("conv_in_kernel", 7),
+        ("cross_attention_dim", [8, 16]),
+    ],
+)
 def test_unet_config_rejects_unsupported_options(key, value):
     with pytest.raises(ValueError):
         UNetConfig.from_diffusers({**UNET2D["tiny"], key: value})
 
 
-@pytest.mark.parametrize("key,value", [
-    ("shift_factor", 0.1), ("latents_mean", [0.0] * 4), ("use_quant_conv", False), ("mid_block_add_attention", False),
-    ("down_block_types", ("DownEncoderBlock2D", "AttnDownEncoderBlock2D")), ("act_fn", "relu"),
-])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("shift_factor", 0.1),
+        ("latents_mean", [0.0] * 4),
+        ("use_quant_conv", False),
+        ("mid_block_add_attention", False),
+        ("down_block_types", ("DownEncoderBlock2D", "AttnDownEncoderBlock2D")),
+        ("act_fn", "relu"),
+    ],
+)
 def test_vae_config_rejects_unsupported_options(key, value):
-    base = {"block_out_channels": (8, 8), "down_block_types": ("DownEncoderBlock2D",) * 2,
-            "up_block_types": ("UpDecoderBlock2D",) * 2, "norm_num_groups": 2}
+    base = {
+        "block_out_channels": (8, 8),
+        "down_block_types": ("DownEncoderBlock2D",) * 2,
+        "up_block_types": ("UpDecoderBlock2D",) * 2,
+        "norm_num_groups": 2,
+    }
     assert VAEConfig.from_diffusers(base).scaling_factor == 0.18215
     with pytest.raises(ValueError):
         VAEConfig.from_diffusers({**base, key: value})

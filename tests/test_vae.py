@@ -12,9 +12,8 @@ import torch
 from conftest import MODEL_ATOL, fan_in, make_vae, tol
 
 from pia_torch.config import VAEConfig
-from pia_torch.models.vae import AutoencoderKL, DiagonalGaussian
-
 from pia_torch.loading import load_vae
+from pia_torch.models.vae import AutoencoderKL, DiagonalGaussian
 
 TOL = dict(atol=MODEL_ATOL, rtol=0)  # DESIGN.md §5 contract, for pia_torch vs diffusers on the same batches
 RENAMES = [("downsamplers.0.", "downsample."), ("upsamplers.0.", "upsample."), ("to_out.0.", "to_out.")]

@@ -12,16 +12,31 @@ from pia_torch import hub
 from pia_torch.loading import MotionAdapter, load_pipeline_components
 
 
-@pytest.mark.parametrize("stems, files, variant, expected", [
-    (hub.DIFFUSERS, ["diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.safetensors"], "fp16",
-     "diffusion_pytorch_model.fp16.safetensors"),
-    (hub.DIFFUSERS, ["diffusion_pytorch_model.fp16.bin", "diffusion_pytorch_model.safetensors"], "fp16",
-     "diffusion_pytorch_model.safetensors"),  # safetensors first, then the variant
-    (hub.DIFFUSERS, ["diffusion_pytorch_model.safetensors.index.fp16.json"], "fp16",
-     "diffusion_pytorch_model.safetensors.index.fp16.json"),
-    (hub.TRANSFORMERS, ["pytorch_model.bin", "model.safetensors.index.json"], None, "model.safetensors.index.json"),
-    (hub.TRANSFORMERS, ["pytorch_model.fp16.bin", "pytorch_model.bin"], "fp16", "pytorch_model.fp16.bin"),
-])
+@pytest.mark.parametrize(
+    "stems, files, variant, expected",
+    [
+        (
+            hub.DIFFUSERS,
+            ["diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.safetensors"],
+            "fp16",
+            "diffusion_pytorch_model.fp16.safetensors",
+        ),
+        (
+            hub.DIFFUSERS,
+            ["diffusion_pytorch_model.fp16.bin", "diffusion_pytorch_model.safetensors"],
+            "fp16",
+            "diffusion_pytorch_model.safetensors",
+        ),  # safetensors first, then the variant
+        (
+            hub.DIFFUSERS,
+            ["diffusion_pytorch_model.safetensors.index.fp16.json"],
+            "fp16",
+            "diffusion_pytorch_model.safetensors.index.fp16.json",
+        ),
+        (hub.TRANSFORMERS, ["pytorch_model.bin", "model.safetensors.index.json"], None, "model.safetensors.index.json"),
+        (hub.TRANSFORMERS, ["pytorch_model.fp16.bin", "pytorch_model.bin"], "fp16", "pytorch_model.fp16.bin"),
+    ],
+)
 def test_find_weights_order(tmp_path, stems, files, variant, expected):
     for name in files:
         (tmp_path / name).touch()

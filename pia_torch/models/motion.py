@@ -42,7 +42,13 @@ class TemporalTransformer(nn.Module):
     """
 
     def __init__(
-        self, channels: int, *, heads: int, groups: int, max_seq_length: int, num_layers: int = 1,
+        self,
+        channels: int,
+        *,
+        heads: int,
+        groups: int,
+        max_seq_length: int,
+        num_layers: int = 1,
         norm_over_frames: bool,
     ) -> None:
         super().__init__()

@@ -20,12 +20,16 @@ def tokenize(tokenizer, prompts: list[str], max_length: int | None = None) -> Te
     """prompts (n,) -> token ids (n, l), l = max_length or tokenizer.model_max_length (77 for SD):
     [BOS, tokens..., EOS, EOS padding...], truncated to l (logging what was cut)."""
     max_length = max_length or tokenizer.model_max_length
-    ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     longest = tokenizer(prompts, padding="longest", return_tensors="pt", verbose=False).input_ids.shape[-1]
     if longest > max_length:
-        logger.warning("CLIP takes at most %d tokens: the last %d tokens of the longest prompt were cut",
-                       max_length, longest - max_length)
+        logger.warning(
+            "CLIP takes at most %d tokens: the last %d tokens of the longest prompt were cut",
+            max_length,
+            longest - max_length,
+        )
     return ids
 
 
@@ -41,7 +45,7 @@ def encode_text(text_encoder: nn.Module, ids: Tensor, clip_skip: int | None = No
         return text_encoder(ids)[0]
     if not isinstance(clip_skip, int) or clip_skip < 0:
         raise ValueError(f"clip_skip must be an int >= 0, got {clip_skip!r}")
-    hidden = text_encoder(ids, output_hidden_states=True).hidden_states    # 1 + layers entries, no final LN
+    hidden = text_encoder(ids, output_hidden_states=True).hidden_states  # 1 + layers entries, no final LN
     if clip_skip + 1 > len(hidden):
         raise ValueError(f"clip_skip={clip_skip} but the text encoder has {len(hidden) - 1} layers")
     final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm  # transformers 4.x / 5.x

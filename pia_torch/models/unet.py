@@ -35,7 +35,10 @@ def fourier_filter(x: Tensor, threshold: int, scale: float) -> Tensor:
 
 def _resnet(config: UNetConfig, in_channels: int, out_channels: int) -> ResnetBlock:
     return ResnetBlock(
-        in_channels, out_channels, temb_channels=config.temb_channels, groups=config.norm_num_groups,
+        in_channels,
+        out_channels,
+        temb_channels=config.temb_channels,
+        groups=config.norm_num_groups,
         eps=config.norm_eps,
     )
 
@@ -49,8 +52,12 @@ def _spatial(config: UNetConfig, channels: int, heads: int) -> SpatialTransforme
 def _motion(config: UNetConfig, channels: int, heads: int, layers: int) -> TemporalTransformer:
     # Groups: the UNet's norm_num_groups, as diffusers (the original hard-codes 32; same for SD1.5).
     return TemporalTransformer(
-        channels, heads=heads, groups=config.norm_num_groups, max_seq_length=config.motion.max_seq_length,
-        num_layers=layers, norm_over_frames=config.convention == "diffusers",
+        channels,
+        heads=heads,
+        groups=config.norm_num_groups,
+        max_seq_length=config.motion.max_seq_length,
+        num_layers=layers,
+        norm_over_frames=config.convention == "diffusers",
     )
 
 
@@ -140,8 +147,15 @@ class UpBlock(nn.Module):
         self.upsample = Upsample(out_ch) if i < n - 1 else None
 
     def forward(
-        self, x: Tensor, skips: list[Tensor], temb: Tensor, text: Tensor, frames: int, norm_frames: int,
-        freeu: tuple[float, float] | None = None, size: tuple[int, int] | None = None,
+        self,
+        x: Tensor,
+        skips: list[Tensor],
+        temb: Tensor,
+        text: Tensor,
+        frames: int,
+        norm_frames: int,
+        freeu: tuple[float, float] | None = None,
+        size: tuple[int, int] | None = None,
     ) -> Tensor:
         """x ((b f), c_prev, h, w), skips in pop order -> ((b f), c, 2h, 2w) (or `size`)."""
         for j, resnet in enumerate(self.resnets):

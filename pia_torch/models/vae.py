@@ -72,7 +72,8 @@ class DownBlock(nn.Module):
         self.downsample = Downsample(out_channels, padding=0) if downsample else None
 
     def forward(self, x: Tensor) -> Tensor:
-        """x (N, c_in, h, w) -> (N, c_out, h//2, w//2) (pad right/bottom, stride 2: floor), or (N, c_out, h, w) at the last level."""
+        """x (N, c_in, h, w) -> (N, c_out, h//2, w//2) (pad right/bottom, stride 2: floor), or (N, c_out, h, w)
+        at the last level."""
         for resnet in self.resnets:
             x = resnet(x)
         return x if self.downsample is None else self.downsample(x)
@@ -126,8 +127,9 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(config.latent_channels, ch[0], 3, padding=1)
         self.mid_block = MidBlock(ch[0], groups=groups)
         self.up_blocks = nn.ModuleList(
-            UpBlock(ch[max(i - 1, 0)], ch[i], layers=config.layers_per_block + 1, groups=groups,
-                    upsample=i < len(ch) - 1)
+            UpBlock(
+                ch[max(i - 1, 0)], ch[i], layers=config.layers_per_block + 1, groups=groups, upsample=i < len(ch) - 1
+            )
             for i in range(len(ch))
         )
         self.conv_norm_out = nn.GroupNorm(groups, ch[-1], eps=EPS)
