@@ -47,18 +47,7 @@ from pia_torch.utils import atomic_path, export_to_gif, export_to_video, export_
 
 BASE = "SG161222/Realistic_Vision_V6.0_B1_noVAE"
 ADAPTER = "openmmlab/PIA-condition-adapter"
-# DDIM as the original base.yaml builds it (open-mmlab/PIA example/config/base.yaml); euler takes the same betas.
-SCHEDULER_CONFIG: dict[str, Any] = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="linear",
-    steps_offset=1,
-    clip_sample=False,
-    set_alpha_to_one=True,
-    timestep_spacing="leading",
-    prediction_type="epsilon",
-)
+SCHEDULER_CONFIG = demo.PIA_SCHEDULER  # the original PIA DDIM (every sampler takes its betas and spacing)
 # The original's DEFAULT_N_PROMPT (open-mmlab/PIA inference.py), used when no negative prompt is given.
 NEGATIVE_PROMPT = (
     "wrong white balance, dark, sketches,worst quality,low quality, deformed, distorted, disfigured, "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import PIL.Image
 import torch
@@ -22,14 +23,17 @@ from pia_torch.schedulers import DDIMScheduler
 
 ASSETS = Path(__file__).parent / "assets"
 
-# The original PIA scheduler (open-mmlab/PIA example/config/base.yaml: DDIM, linear betas, steps_offset 1).
-PIA_DDIM = dict(
+# DDIM as the original base.yaml builds it (open-mmlab/PIA example/config/base.yaml); euler takes the same betas.
+PIA_SCHEDULER: dict[str, Any] = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,
     beta_end=0.012,
     beta_schedule="linear",
     steps_offset=1,
     clip_sample=False,
+    set_alpha_to_one=True,
+    timestep_spacing="leading",
+    prediction_type="epsilon",
 )
 
 
@@ -64,7 +68,8 @@ def tiny_pipeline(
             for p in module.parameters():
                 if not p.detach().any():
                     p.data.normal_(0, 0.02)
-    pipe = PIAPipeline(vae.eval(), text_encoder.eval(), tokenizer, unet.eval(), DDIMScheduler(**PIA_DDIM))
+    scheduler = DDIMScheduler.from_config(PIA_SCHEDULER)
+    pipe = PIAPipeline(vae.eval(), text_encoder.eval(), tokenizer, unet.eval(), scheduler)
     return pipe.to(torch_dtype)
 
 

@@ -9,7 +9,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import STEP_TOL, tol
+from conftest import SD15_PNDM, STEP_TOL, tol
 from diffusers import DDIMScheduler as RefDDIM
 from diffusers import EulerDiscreteScheduler as RefEuler
 from torch.testing import assert_close
@@ -20,20 +20,6 @@ from pia_torch.schedulers import DDIMScheduler, EulerDiscreteScheduler
 TOL = STEP_TOL  # DESIGN.md §5: 1e-6 + 1e-6·|value|
 SCHEDULES = ["linear", "scaled_linear", "squaredcos_cap_v2"]
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-# The SD1.5 scheduler/scheduler_config.json (spec schedulers.md §3.1)
-SD15_PNDM_CONFIG = {
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.6.0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-}
 SHAPE = (2, 4, 3, 6, 6)  # (b, c, f, h, w)
 # diffusers' Euler calls np.array on a tensor (numpy 2 copy-keyword DeprecationWarning): not ours
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -279,11 +265,11 @@ def _resaved_ddim_config() -> dict:
 
 
 CONFIGS = {
-    "sd15_pndm": lambda: dict(SD15_PNDM_CONFIG),
+    "sd15_pndm": lambda: dict(SD15_PNDM),
     "ddim_live": _live_ddim_config,
     "ddim_resaved": _resaved_ddim_config,
-    "ddim_from_pndm": lambda: dict(RefDDIM.from_config(SD15_PNDM_CONFIG).config),
-    "euler_from_pndm": lambda: dict(RefEuler.from_config(SD15_PNDM_CONFIG).config),
+    "ddim_from_pndm": lambda: dict(RefDDIM.from_config(SD15_PNDM).config),
+    "euler_from_pndm": lambda: dict(RefEuler.from_config(SD15_PNDM).config),
 }
 
 
@@ -312,7 +298,7 @@ def test_resaved_config_trap():
 
 
 def test_from_config_overrides_and_round_trip():
-    s = DDIMScheduler.from_config(SD15_PNDM_CONFIG, timestep_spacing="trailing")
+    s = DDIMScheduler.from_config(SD15_PNDM, timestep_spacing="trailing")
     assert s.config["timestep_spacing"] == "trailing" and s.config["_class_name"] == "DDIMScheduler"
     assert "skip_prk_steps" not in s.config
     s.config["timestep_spacing"] = "linspace"  # .config is a copy: the scheduler is unchanged
@@ -352,7 +338,7 @@ def ref_get_timesteps(ref, n: int, strength: float) -> torch.Tensor:
 @pytest.mark.parametrize("strength", [0.5, 0.6, 1.0])
 @pytest.mark.parametrize("cls,ref_cls", [(DDIMScheduler, RefDDIM), (EulerDiscreteScheduler, RefEuler)])
 def test_prepare_timesteps(cls, ref_cls, strength, n):
-    ours, ref = cls.from_config(SD15_PNDM_CONFIG), ref_cls.from_config(SD15_PNDM_CONFIG)
+    ours, ref = cls.from_config(SD15_PNDM), ref_cls.from_config(SD15_PNDM)
     ts, ts_ref = prepare_timesteps(ours, n, strength), ref_get_timesteps(ref, n, strength)
     assert torch.equal(ts, ts_ref)
     # the steps start at the begin index (Euler) / the full-N step offset (DDIM)
