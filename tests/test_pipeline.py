@@ -24,16 +24,6 @@ from pia_torch.pipeline import PIAPipeline, mask_coefficients
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def __getattr__(name: str):
-    """Transition only: the helpers and fixtures that moved to conftest stay importable from here until
-    test_schedulers.py and test_weight_search.py import them from conftest. Delete this then."""
-    import conftest
-
-    if name.startswith("__"):
-        raise AttributeError(name)
-    return getattr(conftest, name)
-
-
 # --------------------------------------------------------------------------------------------- parity
 
 

@@ -19,7 +19,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import ADAPTER, TINY_DDIM, make_adapter, make_unet2d, make_vae, randomize_
+from conftest import ADAPTER, TINY_DDIM, make_adapter, make_unet2d, make_vae, pipeline_depth, randomize_, tol
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -154,7 +154,9 @@ def test_single_file_equals_the_folder(small):
     )
     folder = PIAPipeline.from_pretrained(small["folder"], motion_adapter=adapter, convention="diffusers")
     assert_same_weights(ours, folder)
-    np.testing.assert_array_equal(frames(ours), frames(folder))
+    # same weights at other memory addresses: kernels may round differently (seen with one thread)
+    want = frames(folder)
+    np.testing.assert_allclose(frames(ours), want, atol=tol(want, pipeline_depth(folder, 2))["atol"], rtol=0)
 
 
 @pytest.mark.parametrize("form", ["ckpt without text_model.", "pt with state_dict wrapper", "fp16"])

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_adapter, make_unet2d, make_vae
-from test_pipeline import make_text_encoder, save_base
+from conftest import make_adapter, make_text_encoder, make_unet2d, make_vae, save_base
 
 from pia_torch import hub
 from pia_torch.loading import MotionAdapter, load_pipeline_components
