@@ -23,12 +23,13 @@ from typing import Any
 
 from safetensors.torch import save_file
 
+from pia_torch import hub
 from pia_torch.config import MotionConfig, UNetConfig, VAEConfig
 from pia_torch.loading import MotionAdapter, StateDict, diffusers_names
 from pia_torch.models.motion import frame_positions
 
 DIFFUSERS_VERSION = "0.42.1"  # the format written
-WEIGHTS = "diffusion_pytorch_model.safetensors"
+WEIGHTS = hub.weight_candidates()[0][1]  # diffusion_pytorch_model.safetensors, the name loaders look for first
 
 
 def _compact(values: tuple[int, ...]) -> int | list[int]:

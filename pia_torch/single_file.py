@@ -98,11 +98,11 @@ def split_components(sd: StateDict) -> dict[str, StateDict]:
     for key, tensor in sd.items():
         if any(p.search(key) for p in ignore):
             continue
-        prefix = next((p for p, _, _ in table["components"] if key.startswith(p)), None)
-        if prefix is None:
+        match = next(((p, c) for p, c, _ in table["components"] if key.startswith(p)), None)
+        if match is None:
             other.add(key.split(".")[0])
             continue
-        component = next(c for p, c, _ in table["components"] if p == prefix)
+        prefix, component = match
         parts[component][key[len(prefix) :].removeprefix("text_model.")] = tensor
     if other:
         logger.info("ignored keys that belong to no model, with the prefixes: %s", ", ".join(sorted(other)))
