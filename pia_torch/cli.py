@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib
 import json
 import logging
 import platform
@@ -61,6 +62,8 @@ MAX_SIZE = 512
 DEMO_MAX_SIZE = 64  # the demo's working size: the bundled image's (the tiny VAE only halves the size)
 LOOP_PRESETS = (3, 4, 5)  # their affinity curves close a loop at exactly LOOP_FRAMES frames
 LOOP_FRAMES = 16
+# `pia-torch NAME ...`: NAME's module provides main(argv) -> exit status
+SUBCOMMANDS = {"batch": "pia_torch.batch", "app": "pia_torch.app"}
 DEFAULTS = dict(frames=16, steps=25, prompt=None)
 DEMO_DEFAULTS = dict(DEFAULTS, prompt="clouds drifting over sunny hills")
 
@@ -513,6 +516,8 @@ def run(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:  # imported on use: `pia-torch` alone never imports their dependencies
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     try:
         return run(argv)
     except CLIError as e:
