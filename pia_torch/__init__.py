@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 from pia_torch.config import MotionConfig, UNetConfig, VAEConfig
 from pia_torch.loading import MotionAdapter
+from pia_torch.long_video import Keyframe
 from pia_torch.models.unet import UNet
 from pia_torch.models.vae import AutoencoderKL
 from pia_torch.pipeline import PIAPipeline, PIAPipelineOutput
@@ -24,6 +25,7 @@ __all__ = [
     "DDIMScheduler",
     "DPMSolverMultistepScheduler",
     "EulerDiscreteScheduler",
+    "Keyframe",
     "MotionAdapter",
     "MotionConfig",
     "PIAPipeline",

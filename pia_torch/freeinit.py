@@ -118,6 +118,7 @@ def free_init(
     temporal_stop_frequency: float = 0.25,
     generator: GeneratorArg = None,
     device: torch.device | str | None = None,
+    reschedule: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """The whole denoising: `num_iters` sampling passes, each after the first restarting from
     re-initialised noise (num_iters = 1 is a plain run).
@@ -135,7 +136,8 @@ def free_init(
          s takes a variance-preserving latent to the sampler's input scale (1 for DDIM,
          √(σ_t0² + 1) for Euler, whose latents are x0 + σ·ε = z_t/√ᾱ).
       2. z_t = √ᾱ·x0 + √(1 − ᾱ)·ε  (re-diffuse the result with the *same* ε, in latents' dtype → fp32);
-      3. z_rand ~ N(0, I) from `generator` (fp32, shape of latents);
+      3. z_rand ~ N(0, I) from `generator` (fp32, shape of latents), then `reschedule(z_rand)` if given
+         (long videos: FreeNoise's frame shuffling, long_video.freenoise);
       4. latents = s · mix_frequencies(z_t, z_rand, LPF), cast to pass 0's dtype.
     For DDIM at strength 1 this is exactly diffusers' `_apply_free_init`. Returns the last pass's output.
     """
@@ -167,6 +169,8 @@ def free_init(
                 alpha_bar, scale = vp_level(scheduler, timesteps[0])
             z_t = q_sample(latents, noise, alpha_bar).to(torch.float32)
             z_rand = randn_tensor(latents.shape, generator, device, torch.float32)
+            if reschedule is not None:
+                z_rand = reschedule(z_rand)
             latents = (mix_frequencies(z_t, z_rand, lpf) * scale).to(dtype)
         latents = run_pass(latents, timesteps)
     return latents

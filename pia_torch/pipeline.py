@@ -5,8 +5,9 @@ The pipeline is a thin shell over plain functions you can call yourself:
     pixels = preprocess_image(image, H, W)                               (n, 3, H, W) in [-1, 1]
     text   = encode_text(text_encoder, tokenize(tokenizer, prompts))     (b, l, d)  [models/text.py]
     cond   = encode_condition(vae, pixels, generator, b)                 (b, 4, h, w) × scaling_factor
-    mask, cond = condition_inputs(cond, mask_coefficients(f, motion_scale))   (b, 1|4, f, h, w)
-    denoise = make_denoiser(unet, text, mask, cond, guidance_scale)
+    plan, images = keyframe_plan(f, [Keyframe(0, pixels)], MOTION_PRESETS[m], ...)   [long_video.py]
+    mask, cond, _ = plan.inputs(cond[None], range(f))                     (b, 1|4, f, h, w)
+    denoise = make_denoiser(unet, text, mask, cond, guidance_scale)      (or make_windowed_denoiser)
     x0 = free_init(run_pass, start, noise, scheduler, steps, strength)   [freeinit.py: passes of sample()]
     video = decode_latents(vae, x0)                                      (b, 3, f, H, W)
 
@@ -16,6 +17,9 @@ size differs from (height, width) is resized to cover it and center-cropped (dif
 its latent); `num_videos_per_prompt` is honoured; with strength < 1 each video starts from its own
 image; clip_skip works under transformers 5.x and applies to the negative prompt too; FreeInit keeps
 the strength and works with Euler (freeinit.py).
+
+Beyond diffusers (long_video.py): videos longer than the adapter's frame table through condition-anchored
+windows over the whole UNet call, closed loops of any length, and keyframes (image A at frame 0, B at the end).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,6 +41,21 @@ from torch import Tensor, nn
 
 from pia_torch.freeinit import free_init
 from pia_torch.loading import MotionAdapter, load_pipeline_components
+from pia_torch.long_video import (
+    ANCHORS,
+    LOOP_MODES,
+    LOOP_PRESETS,
+    MOTION_PRESETS,
+    NOISE_TYPES,
+    ContextOptions,
+    Keyframe,
+    check_motion_scale,
+    freenoise,
+    keyframe_plan,
+    loop_period,
+    loop_profile,
+    make_windowed_denoiser,
+)
 from pia_torch.lora import LoraAdapters
 from pia_torch.models.text import encode_text, tokenize
 from pia_torch.models.unet import UNet
@@ -50,36 +69,13 @@ logger = logging.getLogger("pia_torch")
 
 ImageInput = PIL.Image.Image | np.ndarray | Tensor | Sequence[PIL.Image.Image | np.ndarray | Tensor]
 
-# Inter-frame affinity presets (diffusers' RANGE_list): frame i is conditioned with weight coef[i].
-# 0-2: small / moderate / large motion; 3-5: loops (16 frames); 6-8: style transfer, small to large.
-# (The original open-mmlab/PIA code orders rows 6 and 8 the other way round: animatediff/utils/util.py.)
-MOTION_PRESETS: tuple[tuple[float, ...], ...] = (
-    (1.0, 0.9, 0.85, 0.85, 0.85, 0.8),
-    (1.0, 0.8, 0.8, 0.8, 0.79, 0.78, 0.75),
-    (1.0, 0.8, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.6, 0.5, 0.5),
-    (1.0, 0.9, 0.85, 0.85, 0.85, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.85, 0.85, 0.9, 1.0),
-    (1.0, 0.8, 0.8, 0.8, 0.79, 0.78, 0.75, 0.75, 0.75, 0.75, 0.75, 0.78, 0.79, 0.8, 0.8, 1.0),
-    (1.0, 0.8, 0.7, 0.7, 0.7, 0.7, 0.6, 0.5, 0.5, 0.6, 0.7, 0.7, 0.7, 0.7, 0.8, 1.0),
-    (0.5, 0.4, 0.4, 0.4, 0.35, 0.3),
-    (0.5, 0.4, 0.4, 0.4, 0.35, 0.35, 0.3, 0.25, 0.2),
-    (0.5, 0.2),
-)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+DEFAULT_CONTEXT_LENGTH = 16  # the length PIA was trained on
+CHUNKED_DECODE_FRAMES, DECODE_CHUNK = 64, 16  # from this many frames on, the VAE decodes DECODE_CHUNK at a time
 CALLBACK_TENSORS = ("latents", "prompt_embeds", "negative_prompt_embeds")
 
 
 # --------------------------------------------------------------------------------------------- functions
-
-
-def mask_coefficients(num_frames: int, motion_scale: int = 0, cond_frame: int = 0) -> list[float]:
-    """Per-frame affinity to the condition frame: preset row `motion_scale` (negative indices count from
-    the end, as in diffusers), padded with its last value; frame i gets row[|i − cond_frame|]."""
-    if not isinstance(motion_scale, int) or not -len(MOTION_PRESETS) <= motion_scale < len(MOTION_PRESETS):
-        raise ValueError(f"motion_scale must be an int in [-9, 8], got {motion_scale!r}")
-    if not 0 <= cond_frame < num_frames:
-        raise ValueError(f"need 0 <= cond_frame < num_frames, got {cond_frame} and {num_frames}")
-    row = MOTION_PRESETS[motion_scale]
-    return [row[min(abs(i - cond_frame), len(row) - 1)] for i in range(num_frames)]
 
 
 def _to_tensor(image: ImageInput) -> Tensor:
@@ -140,15 +136,6 @@ def encode_condition(vae: AutoencoderKL, pixels: Tensor, generator: GeneratorArg
         g = generator[0] if isinstance(generator, (list, tuple)) else generator
         z = vae.encode(pixels).sample(g).repeat_interleave(r, dim=0)  # (b, c, h, w)
     return z * vae.config.scaling_factor
-
-
-def condition_inputs(cond: Tensor, coefficients: Sequence[float]) -> tuple[Tensor, Tensor]:
-    """cond (b, c, h, w), one coefficient per frame -> mask (b, 1, f, h, w) = coef[f] and the condition
-    repeated over frames (b, c, f, h, w): UNet input channels 4 and 5..8."""
-    b, c, h, w = cond.shape
-    coef = torch.tensor(coefficients, dtype=torch.float32).to(cond)  # fp16 rounds like diffusers
-    mask = coef.view(1, 1, -1, 1, 1).expand(b, 1, -1, h, w).contiguous()
-    return mask, cond[:, :, None].expand(-1, -1, len(coefficients), -1, -1).contiguous()
 
 
 def make_denoiser(
@@ -225,9 +212,11 @@ def postprocess(video: Tensor, output_type: str = "pil") -> Any:
 
 @dataclass
 class PIAPipelineOutput:
-    """frames: (b, f, H, W, 3) np / (b, f, 3, H, W) pt / b lists of f PIL images / latents (b, 4, f, h, w)."""
+    """frames: (b, f, H, W, 3) np / (b, f, 3, H, W) pt / b lists of f PIL images / latents (b, 4, f, h, w).
+    loop_period: how many frames play as a seamless loop (frames[:, :loop_period]); None if not a loop."""
 
     frames: Any
+    loop_period: int | None = None
 
     def __getitem__(self, i: int) -> Any:
         return (self.frames,)[i]
@@ -496,10 +485,47 @@ class PIAPipeline:
             )
 
     # ----------------------------------------------------------------------------------- call
+    def _context_options(
+        self,
+        num_frames: int,
+        closed: bool,
+        length: int | None,
+        overlap: int,
+        schedule: str | None,
+        fuse: str,
+        windows_per_batch: int,
+    ) -> ContextOptions | None:
+        """The windows of this call, or None for the plain path (one UNet call over all frames): windows are
+        on when a context length is given, for a closed loop, or when the frames exceed the adapter's table."""
+        limit = self.unet.config.motion.max_seq_length if self.unet.config.motion else None
+        if length is None and not closed and (limit is None or num_frames <= limit):
+            return None
+        if length is None:
+            length = min(DEFAULT_CONTEXT_LENGTH, limit or DEFAULT_CONTEXT_LENGTH)
+            if not closed:
+                logger.info(
+                    "%d frames are more than the adapter's %d: sliding windows of %d frames, overlap %d, %s schedule "
+                    "(set context_length to choose)",
+                    num_frames,
+                    limit,
+                    length,
+                    overlap,
+                    schedule or "uniform",
+                )
+        if limit is not None and isinstance(length, int) and length > limit:
+            raise ValueError(f"context_length must be <= {limit} (the adapter's motion_max_seq_length), got {length}")
+        schedule = schedule or ("looped" if closed else "uniform")
+        if (schedule == "looped") != closed:
+            raise ValueError("context_schedule 'looped' goes with loop='closed', and a closed loop needs it")
+        options = ContextOptions(length, overlap, schedule, fuse, windows_per_batch=windows_per_batch)
+        if closed and num_frames > length and overlap < 1:
+            raise ValueError("a closed loop longer than its windows needs context_overlap >= 1")
+        return options
+
     @torch.no_grad()
     def __call__(
         self,
-        image: ImageInput,
+        image: ImageInput | None,
         prompt: str | list[str] | None = None,
         strength: float = 1.0,
         num_frames: int = 16,
@@ -521,13 +547,46 @@ class PIAPipeline:
         callback_on_step_end: Callable[..., dict] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         decode_chunk_size: int | None = None,
+        cond_frame: int = 0,
+        keyframes: Sequence[Keyframe] | None = None,
+        loop: bool | str | None = None,
+        context_length: int | None = None,
+        context_overlap: int = 4,
+        context_schedule: str | None = None,
+        context_fuse: str = "pyramid",
+        windows_per_batch: int = 1,
+        anchor: str = "shifted",
+        anchor_gap: int = 0,
+        noise: str = "freenoise",
+        noise_block: int = 4,
+        window_hook: Callable[[int, list[int], list[float]], Any] | None = None,
     ) -> PIAPipelineOutput | tuple:
-        """Animate `image` guided by `prompt`; returns `.frames` (see PIAPipelineOutput).
+        """Animate `image` guided by `prompt`; returns `.frames` and `.loop_period` (see PIAPipelineOutput).
 
         height/width default to unet.config.sample_size × vae_scale_factor; strength < 1 starts from the
         partially noised image (img2img); motion_scale picks a MOTION_PRESETS row; guidance_scale > 1 turns
-        classifier-free guidance on; callback_on_step_end(pipe, i, t, {name: tensor}) may return
-        replacements for "latents" / "prompt_embeds"; decode_chunk_size frames go through the VAE at a time.
+        classifier-free guidance on; callback_on_step_end(pipe, i, t, {name: tensor}) is called once per step
+        on the whole video and may return replacements for "latents" / "prompt_embeds"; decode_chunk_size
+        frames go through the VAE at a time (default: all, or 16 from 64 frames on).
+
+        Beyond diffusers (long_video.py):
+        - cond_frame: the frame that shows `image` (negative: from the end; default 0). keyframes: several,
+          [Keyframe(frame, image, strength, profile)], e.g. image A at 0 and B at −1 (an image of None is
+          `image`); frame i takes the keyframe with the largest strength·profile(distance) (mask and latent).
+        - loop: None (presets 3-5 as diffusers: a loop at 16 frames, with frame 0 repeated at the end),
+          "legacy" (the same, asked for), True / "closed" (a seamless loop of any length >= 2: circular
+          affinity, windows that wrap around; loop_period = num_frames).
+        - context_length L: run the UNet on windows of L frames (on by itself above the adapter's frame
+          limit, with L = 16, and for closed loops), context_overlap O, context_schedule "uniform" /
+          "static" / "looped" (closed loops; the default for them), context_fuse "pyramid" / "flat" /
+          "overlap-linear", windows_per_batch windows per UNet call (see long_video.ContextOptions).
+          With L >= num_frames (not a loop) the one window is the plain path, bit for bit.
+        - anchor: "shifted" (every window has a frame at its nearest keyframe's full affinity) or "global"
+          (the full-length curve sliced); anchor_gap G >= 0 softens "shifted" (the nearest frame reads h(G)).
+        - noise: "freenoise" (the initial noise repeats with period L, shuffled in blocks of noise_block
+          frames; also FreeInit's fresh noise) or "random"; only with windows over more than L frames;
+          `latents` given by the caller are used as they are.
+        - window_hook(step, window, affinity): called for each window of each step (windowed runs).
         """
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
@@ -545,10 +604,42 @@ class PIAPipeline:
             raise ValueError(f"callback_on_step_end_tensor_inputs must be among {CALLBACK_TENSORS}")
         if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
             raise ValueError(f"num_videos_per_prompt must be an int >= 1, got {num_videos_per_prompt!r}")
-        max_frames = self.unet.config.motion.max_seq_length if self.unet.config.motion else num_frames
-        if not 1 <= num_frames <= max_frames:
-            raise ValueError(f"num_frames must be in [1, {max_frames}], got {num_frames}")
-        coefficients = mask_coefficients(num_frames, motion_scale)
+        if not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"num_frames must be an int >= 1, got {num_frames!r}")
+        check_motion_scale(motion_scale)
+        loop = {True: "closed", False: None}.get(loop, loop) if isinstance(loop, bool) else loop
+        if loop is not None and loop not in LOOP_MODES:
+            raise ValueError(f"loop must be None, True or one of {LOOP_MODES}, got {loop!r}")
+        closed, legacy = loop == "closed", motion_scale % len(MOTION_PRESETS) in LOOP_PRESETS
+        if loop == "legacy" and not legacy:
+            raise ValueError(f"loop='legacy' needs a loop preset (motion_scale 3, 4 or 5), got {motion_scale}")
+        if closed and num_frames < 2:
+            raise ValueError("a closed loop needs num_frames >= 2")
+        if not closed and legacy and num_frames != 16:
+            logger.warning(
+                "motion_scale %d is a loop preset made for 16 frames: %d frames do not close a loop "
+                "(loop=True closes one at any length)",
+                motion_scale,
+                num_frames,
+            )
+        if anchor not in ANCHORS:
+            raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}")
+        if not isinstance(anchor_gap, int) or anchor_gap < 0:
+            raise ValueError(f"anchor_gap must be an int >= 0, got {anchor_gap!r}")
+        if noise not in NOISE_TYPES:
+            raise ValueError(f"noise must be one of {NOISE_TYPES}, got {noise!r}")
+        context = self._context_options(
+            num_frames, closed, context_length, context_overlap, context_schedule, context_fuse, windows_per_batch
+        )
+        if context is not None and not 1 <= noise_block <= context.length:
+            raise ValueError(f"noise_block must be in [1, context_length={context.length}], got {noise_block!r}")
+        if keyframes is not None and cond_frame != 0:
+            raise ValueError("pass cond_frame or keyframes, not both (a keyframe has its own frame)")
+        if not isinstance(cond_frame, int) or not -num_frames <= cond_frame < num_frames:
+            raise ValueError(f"cond_frame must be an int in [{-num_frames}, {num_frames}), got {cond_frame!r}")
+        keys = list(keyframes) if keyframes is not None else [Keyframe(cond_frame)]
+        if any(getattr(key, "image", None) is None for key in keys) and image is None:
+            raise ValueError("no image: pass image, or an image with every keyframe")
         self._check_scheduler()
         device, do_cfg = self._execution_device, guidance_scale > 1
 
@@ -564,36 +655,60 @@ class PIAPipeline:
             clip_skip=clip_skip,
         )
         num_videos = text.shape[0]
+        num_prompts = num_videos // num_videos_per_prompt
         if do_cfg:
             text = torch.cat([negative, text])  # (2b, l, d)
 
-        # 2. the draws in diffusers' order: x_T, the image posterior, the strength noise
+        # 2. the draws in diffusers' order: x_T, the image posterior (one per distinct keyframe image, by
+        # frame), the strength noise; then FreeNoise's permutations of whichever noise starts the run
         shape = (num_videos, 4, num_frames, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if isinstance(generator, (list, tuple)) and len(generator) != num_videos:
             raise ValueError(f"got {len(generator)} generators for {num_videos} videos")
         if latents is None:
-            noise = randn_tensor(shape, generator, device, text.dtype)
+            start_noise = randn_tensor(shape, generator, device, text.dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         else:
-            noise = latents.to(device)
+            start_noise = latents.to(device)
         with self._on_device(self.vae):
-            pixels = preprocess_image(image, height, width).to(device, next(self.vae.parameters()).dtype)
-            if pixels.shape[0] not in (1, num_videos // num_videos_per_prompt, num_videos):
-                raise ValueError(f"{pixels.shape[0]} images for {num_videos // num_videos_per_prompt} prompts")
-            cond = encode_condition(self.vae, pixels, generator, num_videos).to(device, self.dtype)
-        mask, cond = condition_inputs(cond, coefficients)  # (b, 1|4, f, h, w)
+            vae_dtype = next(self.vae.parameters()).dtype
+            keys = [
+                replace(key, image=preprocess_image(image if key.image is None else key.image, height, width))
+                for key in keys
+            ]
+            for key in keys:
+                if key.image.shape[0] not in (1, num_prompts, num_videos):
+                    raise ValueError(f"{key.image.shape[0]} images for {num_prompts} prompts")
+            profile = loop_profile(motion_scale) if closed else MOTION_PRESETS[motion_scale]
+            plan, images = keyframe_plan(
+                num_frames, keys, profile, closed, lambda a, b: a.shape == b.shape and torch.equal(a, b)
+            )
+            cond = torch.stack(  # (K', b, 4, h, w)
+                [encode_condition(self.vae, px.to(device, vae_dtype), generator, num_videos) for px in images]
+            ).to(device, self.dtype)
         if strength < 1:
-            noise = randn_tensor(shape, generator, device, noise.dtype)
+            start_noise = randn_tensor(shape, generator, device, start_noise.dtype)
+        reschedule = None
+        if context is not None and noise == "freenoise" and num_frames > context.length:
+            reschedule = partial(freenoise, length=context.length, block=noise_block, generator=generator)
+            if latents is None or strength < 1:
+                reschedule(start_noise)
 
         def start(timesteps: Tensor) -> Tensor:
             """The first pass's latents at its first timestep (FreeInit's fast sampling shortens that pass)."""
             if strength == 1:
-                return noise * self.scheduler.init_noise_sigma
-            return self.scheduler.add_noise(cond, noise, timesteps[:1].repeat(num_videos))
+                return start_noise * self.scheduler.init_noise_sigma
+            x0 = plan.inputs(cond, range(num_frames))[1]  # frame i starts from its own keyframe's image
+            return self.scheduler.add_noise(x0, start_noise, timesteps[:1].repeat(num_videos))
 
         # 3. denoise: FreeInit's passes, or one pass when it is off
-        denoise = make_denoiser(self.unet, text, mask, cond, guidance_scale)
+        if context is None:
+            mask, cond_frames, _ = plan.inputs(cond, range(num_frames))  # (b, 1|4, f, h, w)
+            denoise = make_denoiser(self.unet, text, mask, cond_frames, guidance_scale)
+        else:
+            denoise = make_windowed_denoiser(
+                self.unet, text, plan, cond, guidance_scale, context, anchor, anchor_gap, window_hook
+            )
         step = partial(self.scheduler.step_with_x0, eta=eta, generator=generator)
 
         def on_step(state: dict[str, Any]) -> dict[str, Tensor] | None:
@@ -608,6 +723,8 @@ class PIAPipeline:
             return {"x": out["latents"]} if "latents" in out else None
 
         def run_pass(x: Tensor, ts: Tensor) -> Tensor:
+            if context is not None:
+                denoise.step = 0  # the window schedule starts again with each pass
             return sample(
                 denoise,
                 x,
@@ -622,19 +739,23 @@ class PIAPipeline:
             latents = free_init(
                 run_pass,
                 start,
-                noise,
+                start_noise,
                 self.scheduler,
                 num_inference_steps,
                 strength,
                 generator=generator,
                 device=device,
+                reschedule=reschedule,
                 **(self._free_init or {"num_iters": 1}),
             )
 
         # 4. decode
+        if decode_chunk_size is None and num_frames >= CHUNKED_DECODE_FRAMES:
+            decode_chunk_size = DECODE_CHUNK
         if output_type == "latent":
             frames = latents
         else:
             with self._on_device(self.vae):
                 frames = postprocess(decode_latents(self.vae, latents, decode_chunk_size), output_type)
-        return PIAPipelineOutput(frames=frames) if return_dict else (frames,)
+        period = loop_period(num_frames, motion_scale, loop)
+        return PIAPipelineOutput(frames=frames, loop_period=period) if return_dict else (frames,)

@@ -19,7 +19,8 @@ from conftest import FRAMES_ATOL, SD15_PNDM, assert_parity, fan_in, image, pipel
 import pia_torch.schedulers as pia_sampling
 from pia_torch.demo import demo_image
 from pia_torch.loading import MotionAdapter
-from pia_torch.pipeline import PIAPipeline, mask_coefficients
+from pia_torch.long_video import mask_coefficients
+from pia_torch.pipeline import PIAPipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
