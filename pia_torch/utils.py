@@ -44,6 +44,21 @@ def load_image(image: str | Path | Image.Image) -> Image.Image:
         raise ValueError(f"cannot read image {source}: {e}") from e
 
 
+LOOP_EXPORTS = ("trim", "pingpong")
+
+
+def loop_frames(frames: Frames, period: int | None, mode: str = "trim") -> Frames:
+    """The frames of a seamless loop. "trim": frames[:period] (a loop's period frames; all of them when
+    period is None); "pingpong": any clip played forward then back, frames 0 … F−1, F−2 … 1 (2F − 2
+    frames, no doubled turning frame)."""
+    if mode not in LOOP_EXPORTS:
+        raise ValueError(f"loop export must be one of {LOOP_EXPORTS}, got {mode!r}")
+    if mode == "trim":
+        return frames[:period] if period is not None else frames
+    back = frames[-2:0:-1]
+    return np.concatenate([frames, back]) if isinstance(frames, np.ndarray) else [*frames, *back]
+
+
 def _uint8_frames(frames: Frames) -> list[np.ndarray]:
     """List of PIL images or (f, h, w, 3) floats in [0, 1] / uint8 -> list of (h, w, 3) uint8 arrays."""
     if len(frames) == 0:
