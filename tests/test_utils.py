@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pia_torch.utils import export_to_gif, export_to_video, export_to_webp, load_image
+from pia_torch.utils import export_to_gif, export_to_video, export_to_webp, load_image, loop_frames
 
 F, H, W = 5, 40, 56  # W != H catches a transposed writer
 
@@ -128,3 +128,19 @@ def test_load_image_url(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_loop_frames_counts():
+    """Loop export: a closed loop writes F frames, the legacy 16-frame loop 15, ping-pong 2F − 2."""
+    video = np.arange(16, dtype=np.float32)[:, None, None, None] * np.ones((16, 2, 2, 3), np.float32) / 16
+    assert len(loop_frames(video, 16)) == 16 and len(loop_frames(video, 15)) == 15
+    assert len(loop_frames(video, None)) == 16
+    pingpong = loop_frames(video, None, "pingpong")
+    assert (
+        len(pingpong) == 30
+        and pingpong[16, 0, 0, 0] == video[14, 0, 0, 0]
+        and pingpong[-1, 0, 0, 0] == video[1, 0, 0, 0]
+    )
+    assert loop_frames(list("abc"), None, "pingpong") == list("abcb")
+    with pytest.raises(ValueError, match="loop export"):
+        loop_frames(video, 16, "reverse")
