@@ -3,7 +3,8 @@
     pia-torch --image cat.png --prompt "a cat, best quality" --out cat.gif
     pia-torch --demo --out demo.gif    # offline smoke run on tiny random weights
 
-(also `python -m pia_torch ...` and, from a checkout, `python scripts/sample.py ...`).
+(also `python -m pia_torch ...` and, from a checkout, `python scripts/sample.py ...`). Many videos from a job
+manifest, on one process or under torchrun: `pia-torch batch` (batch.py), which reuses the pieces below.
 
 The defaults are the original PIA inference settings (open-mmlab/PIA `inference.py` + `base.yaml`):
 DDIM with linear betas 0.00085 -> 0.012, steps_offset 1, clip_sample False, set_alpha_to_one True,
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import importlib
 import json
@@ -32,6 +34,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
 from PIL import Image
@@ -57,7 +60,16 @@ NEGATIVE_PROMPT = (
     "bad_pictures, negative_hand-neg"
 )
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-WRITERS = {".gif": export_to_gif, ".mp4": export_to_video, ".webp": export_to_webp}
+
+
+def export_to_npy(frames: np.ndarray, path: str | Path, fps: int = 8) -> str:
+    """The raw frames (f, h, w, 3) as float32 in [0, 1], for exact comparisons (np.load reads them; fps unused)."""
+    with atomic_path(Path(path)) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.asarray(frames, dtype=np.float32))
+    return str(path)
+
+
+WRITERS = {".gif": export_to_gif, ".mp4": export_to_video, ".webp": export_to_webp, ".npy": export_to_npy}
 MAX_SIZE = 512
 DEMO_MAX_SIZE = 64  # the demo's working size: the bundled image's (the tiny VAE only halves the size)
 LOOP_PRESETS = (3, 4, 5)  # their affinity curves close a loop at exactly LOOP_FRAMES frames
@@ -77,10 +89,11 @@ class Parser(argparse.ArgumentParser):
         raise CLIError(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "pia-torch", description: str = "") -> argparse.ArgumentParser:
+    """The options of one video; `pia-torch batch` builds on it with its own prog and description."""
     p = Parser(
-        prog="pia-torch",
-        description="Animate an image with PIA (Personalized Image Animator).",
+        prog=prog,
+        description=description or "Animate an image with PIA (Personalized Image Animator).",
         epilog="--demo runs offline in seconds on tiny random weights (pia_torch.demo.tiny_pipeline) and the "
         "bundled 64x64 example image (unless --image is given; a given image is resized to the demo's 64-pixel "
         "working size unless --height/--width are given): the video is noise, a smoke test of the whole path. "
@@ -202,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         default="video.gif",
-        help="output .gif, .mp4 or .webp (default video.gif); the sidecar goes next to it with a .json extension",
+        help="output .gif, .mp4, .webp, or .npy (the raw float32 frames (f, h, w, 3) in [0, 1]) (default "
+        "video.gif); the sidecar goes next to it with a .json extension",
     )
     p.add_argument("--demo", action="store_true", help="offline smoke run on tiny random weights (output is noise)")
     return p
@@ -284,17 +298,80 @@ def check_writable(out: Path) -> None:
         raise CLIError(f"cannot write {out}: {existing} is not writable ({e.strerror or e})") from e
 
 
-def adapter_frame_limit(args: argparse.Namespace) -> int:
+@functools.cache  # `pia-torch batch` asks once per job
+def adapter_frame_limit(adapter: str, demo: bool) -> int:
     """The adapter's motion_max_seq_length, read from its config.json alone (no weights loaded)."""
-    if args.demo:
+    if demo:
         return tiny_unet().motion.max_seq_length
-    if is_file(args.adapter):
+    if is_file(adapter):
         return PIA_MOTION.max_seq_length  # pia.ckpt: the PIA adapter's config
     try:
-        folder = hub.resolve(args.adapter, ["config.json"])
+        folder = hub.resolve(adapter, ["config.json"])
         return MotionConfig.from_diffusers(read_config(folder, "MotionAdapter")).max_seq_length
     except (OSError, ValueError) as e:
         raise CLIError(one_line(e)) from e
+
+
+def parse_args(argv: list[str], namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+    """One video's options: `argv` parsed, defaults filled and everything checked that needs no weights
+    (check_args, --frames against the adapter's limit); raises CLIError. No weights are loaded.
+
+    Options that `namespace` holds are kept where `argv` does not set them (argparse fills only the missing
+    ones): `pia-torch batch` parses each job over the command's options this way. A negative prompt that was
+    not given stays None: the original's is used (`negative_prompt`).
+    """
+    args = build_parser().parse_args(argv, namespace)
+    for key, value in (DEMO_DEFAULTS if args.demo else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.lora = [lora_arg(text) for text in args.lora]
+    check_args(args)
+    args.base = args.base or BASE
+    args.adapter = args.adapter or ADAPTER
+    limit = adapter_frame_limit(args.adapter, args.demo)
+    if args.frames > limit:
+        raise CLIError(f"--frames must be <= {limit} (the adapter's motion_max_seq_length), got {args.frames}")
+    return args
+
+
+def resolve_paths(args: argparse.Namespace, folder: Path) -> None:
+    """Resolve the relative local input paths of a video's options (the image) against `folder`."""
+    if args.image is not None and not args.image.startswith(("http://", "https://")):
+        args.image = str(folder / Path(args.image).expanduser())
+
+
+def loop_warning(args: argparse.Namespace) -> str | None:
+    """A loop preset with a frame count it does not close a loop at."""
+    if args.motion_scale in LOOP_PRESETS and args.frames != LOOP_FRAMES:
+        return (
+            f"--motion-scale {args.motion_scale} is a loop preset made for {LOOP_FRAMES} frames; with "
+            f"{args.frames} frames the video does not close a loop"
+        )
+    return None
+
+
+def negative_prompt(args: argparse.Namespace) -> str:
+    """The negative prompt given, else the original PIA's."""
+    return NEGATIVE_PROMPT if args.negative_prompt is None else args.negative_prompt
+
+
+def params(args: argparse.Namespace) -> dict[str, Any]:
+    """Every option of the video as the sidecar records it (the negative prompt resolved)."""
+    return {**vars(args), "negative_prompt": negative_prompt(args)}
+
+
+def pipeline_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The video's options as PIAPipeline.__call__ keyword arguments (all but the image, prompts and seed)."""
+    return dict(
+        num_frames=args.frames,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        motion_scale=args.motion_scale,
+        strength=args.strength,
+    )
 
 
 def prepare_image(args: argparse.Namespace) -> Image.Image:
@@ -349,26 +426,35 @@ def load_pipeline(args: argparse.Namespace) -> PIAPipeline:
             pipe.fuse_lora()
     except (OSError, ValueError) as e:  # not found (offline / unknown id), corrupt file, CheckpointError
         raise CLIError(one_line(e)) from e
-    pipe.scheduler = build_scheduler(args.scheduler)
-    if args.free_init is not None:
-        pipe.enable_free_init(method=args.free_init)
+    configure(pipe, args)
     pipe.set_progress_bar_config(disable=False)
     return pipe.to(args.device)
 
 
-def encode_prompts(pipe: PIAPipeline, args: argparse.Namespace, typed_negative: bool) -> tuple:
+def configure(pipe: PIAPipeline, args: argparse.Namespace) -> None:
+    """The video's sampler settings on the pipeline: the scheduler, FreeInit on or off."""
+    pipe.scheduler = build_scheduler(args.scheduler)
+    if args.free_init is None:
+        pipe.disable_free_init()
+    else:
+        pipe.enable_free_init(method=args.free_init)
+
+
+def encode_prompts(pipe: PIAPipeline, args: argparse.Namespace) -> tuple:
     """(prompt_embeds, negative_prompt_embeds), as the pipeline would compute them from the texts. Only text
     the user typed may warn about CLIP's 77-token cut: the built-in negative prompt is encoded quietly."""
-    guided = args.guidance > 1
-    positive, _ = pipe.encode_prompt(args.prompt, do_classifier_free_guidance=False)
-    if not guided:
-        return positive, None
-    text_logger = logging.getLogger(tokenize.__module__)
-    disabled, text_logger.disabled = text_logger.disabled, not typed_negative
     try:
-        _, negative = pipe.encode_prompt(None, prompt_embeds=positive, negative_prompt=args.negative_prompt)
-    finally:
-        text_logger.disabled = disabled
+        positive, _ = pipe.encode_prompt(args.prompt, do_classifier_free_guidance=False)
+        if args.guidance <= 1:  # no guidance: no negative prompt
+            return positive, None
+        text_logger = logging.getLogger(tokenize.__module__)
+        disabled, text_logger.disabled = text_logger.disabled, args.negative_prompt is None
+        try:
+            _, negative = pipe.encode_prompt(None, prompt_embeds=positive, negative_prompt=negative_prompt(args))
+        finally:
+            text_logger.disabled = disabled
+    except ValueError as e:
+        raise CLIError(one_line(e)) from e
     return positive, negative
 
 
@@ -408,7 +494,8 @@ def file_record(path: str) -> dict[str, str]:
 
 
 def sidecar(args: argparse.Namespace, argv: list[str], pipe: PIAPipeline, seed: int) -> dict[str, Any]:
-    """Everything needed to reproduce the video; every local file with its sha256."""
+    """Everything needed to reproduce the video; every local file with its sha256. `argv`: the command's
+    arguments after `pia-torch`."""
 
     def source(name: str) -> str | dict[str, str]:
         return file_record(name) if is_file(name) else model_source(name)
@@ -425,7 +512,7 @@ def sidecar(args: argparse.Namespace, argv: list[str], pipe: PIAPipeline, seed: 
     image = file_record(args.image) if args.image is not None and is_file(args.image) else None
     return {
         "command": shlex.join(["pia-torch", *argv]),
-        "params": dict(vars(args)),
+        "params": params(args),
         "seed": seed,
         "image": image or args.image or "pia_torch.demo.demo_image()",
         "models": models,
@@ -456,28 +543,40 @@ def write(frames: Any, out: Path, info: dict[str, Any], fps: int) -> None:
         raise CLIError(f"cannot write {out}: {one_line(e)}") from e
 
 
+def make_video(
+    pipe: PIAPipeline,
+    args: argparse.Namespace,
+    image: Image.Image,
+    prompts: tuple,
+    seed: int,
+    out: Path,
+    argv: list[str],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Render one video (`prompts` from encode_prompts, the pipeline configured for `args`) and write it to
+    `out` with its sidecar, plus `extra` sidecar entries."""
+    torch.manual_seed(seed)  # the original seeds the global RNG too (its strength < 1 noise uses it)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    text, negative = prompts
+    try:
+        frames = pipe(
+            image,
+            prompt_embeds=text,
+            negative_prompt_embeds=negative,
+            generator=generator,
+            output_type="np",
+            **pipeline_kwargs(args),
+        ).frames[0]
+    except ValueError as e:  # the pipeline's own input checks
+        raise CLIError(one_line(e)) from e
+    write(frames, out, {**sidecar(args, argv, pipe, seed), **(extra or {})}, args.fps)
+
+
 def run(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    for key, value in (DEMO_DEFAULTS if args.demo else DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    typed_negative = args.negative_prompt is not None
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if not typed_negative:
-        args.negative_prompt = NEGATIVE_PROMPT
-    args.lora = [lora_arg(text) for text in args.lora]
-    check_args(args)
-    args.base = args.base or BASE
-    args.adapter = args.adapter or ADAPTER
-    limit = adapter_frame_limit(args)
-    if args.frames > limit:
-        raise CLIError(f"--frames must be <= {limit} (the adapter's motion_max_seq_length), got {args.frames}")
-    if args.motion_scale in LOOP_PRESETS and args.frames != LOOP_FRAMES:
-        print(
-            f"warning: --motion-scale {args.motion_scale} is a loop preset made for {LOOP_FRAMES} frames; with "
-            f"{args.frames} frames the video does not close a loop",
-            file=sys.stderr,
-        )
+    args = parse_args(argv)
+    warning = loop_warning(args)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     image = prepare_image(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -485,31 +584,9 @@ def run(argv: list[str]) -> int:
     pipe = load_pipeline(args)
     if args.demo:
         print("demo: tiny random weights, offline; the video will be noise, not an animation", file=sys.stderr)
-    try:
-        text, negative = encode_prompts(pipe, args, typed_negative)
-    except ValueError as e:
-        raise CLIError(one_line(e)) from e
+    prompts = encode_prompts(pipe, args)
     for seed, out in output_paths(args):
-        torch.manual_seed(seed)  # the original seeds the global RNG too (its strength < 1 noise uses it)
-        generator = torch.Generator("cpu").manual_seed(seed)
-        try:
-            frames = pipe(
-                image,
-                prompt_embeds=text,
-                negative_prompt_embeds=negative,
-                num_frames=args.frames,
-                height=args.height,
-                width=args.width,
-                num_inference_steps=args.steps,
-                guidance_scale=args.guidance,
-                motion_scale=args.motion_scale,
-                strength=args.strength,
-                generator=generator,
-                output_type="np",
-            ).frames[0]
-        except ValueError as e:  # the pipeline's own input checks
-            raise CLIError(one_line(e)) from e
-        write(frames, out, sidecar(args, argv, pipe, seed), args.fps)
+        make_video(pipe, args, image, prompts, seed, out, argv)
         print(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
 

@@ -4,6 +4,7 @@ loaded) for every kind of bad input."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -11,11 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from pia_torch import cli
+from pia_torch.pipeline import PIAPipeline
 from pia_torch.schedulers import DDIMScheduler, EulerDiscreteScheduler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,6 +196,25 @@ def test_installed_wheel_entry_point(tmp_path):
     assert r.returncode == 0, r.stderr
     assert frame_sizes(tmp_path / "out" / "x.gif") == (2, (64, 64))
     assert json.loads((tmp_path / "out" / "x.json").read_text())["command"].startswith("pia-torch --demo")
+
+
+def test_npy_output_is_the_raw_frames(tmp_path, capsys):
+    """.npy: the pipeline's float32 frames as they are (for exact comparisons), with the usual sidecar."""
+    info, _ = run_ok(["--demo", *FAST, "--out", str(tmp_path / "x.npy")], capsys)
+    video = np.load(tmp_path / "x.npy")
+    assert video.dtype == np.float32 and video.shape == (2, 64, 64, 3) and 0 <= video.min() <= video.max() <= 1
+    assert info["params"]["out"] == str(tmp_path / "x.npy")
+
+
+def test_parse_args_and_pipeline_kwargs(no_loading):
+    """parse_args fills the defaults and checks without weights; pipeline_kwargs are PIAPipeline.__call__'s."""
+    args = cli.parse_args(["--demo", "--frames", "3", "--steps", "2", "--guidance", "1"])
+    assert (args.frames, args.steps, args.prompt, args.negative_prompt) == (3, 2, cli.DEMO_DEFAULTS["prompt"], None)
+    assert cli.params(args)["negative_prompt"] == cli.NEGATIVE_PROMPT
+    kwargs = cli.pipeline_kwargs(args)
+    assert set(kwargs) <= set(inspect.signature(PIAPipeline.__call__).parameters)
+    assert (kwargs["num_frames"], kwargs["num_inference_steps"], kwargs["guidance_scale"]) == (3, 2, 1.0)
+    assert no_loading == []
 
 
 def test_explicit_size(tmp_path, capsys):
