@@ -277,11 +277,14 @@ def load_jobs(cmd: argparse.Namespace) -> list[Job]:
 
 
 def resume_key(job: Job) -> dict[str, Any]:
-    """What the video is: its options (not how it runs) and the image's sha256, as JSON reads it back."""
+    """What the video is: its options (not how it runs) and its images' sha256, as JSON reads it back."""
     params = {key: value for key, value in job.params.items() if key not in RUN_OPTIONS}
-    image = job.args.image
-    sha256 = cli.file_record(image)["sha256"] if image is not None and cli.is_file(image) else None
-    return json.loads(json.dumps({"params": params, "image_sha256": sha256}))
+
+    def sha256(path: str | None) -> str | None:
+        return cli.file_record(path)["sha256"] if path is not None and cli.is_file(path) else None
+
+    keyframes = [sha256(path) for _, path, _ in job.args.keyframe]
+    return json.loads(json.dumps({"params": params, "image_sha256": sha256(job.args.image), "keyframes": keyframes}))
 
 
 def is_done(job: Job) -> bool:

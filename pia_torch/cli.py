@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import importlib
@@ -44,10 +45,19 @@ from pia_torch import demo, hub
 from pia_torch.config import PIA_MOTION, MotionConfig, tiny_unet
 from pia_torch.freeinit import METHODS as FREE_INIT_METHODS
 from pia_torch.loading import MotionAdapter, read_config
+from pia_torch.long_video import ANCHORS, FUSE_METHODS, LOOP_MODES, NOISE_TYPES, SCHEDULES, Keyframe
 from pia_torch.models.text import tokenize
 from pia_torch.pipeline import PIAPipeline
 from pia_torch.schedulers import SAMPLERS, SchedulerBase
-from pia_torch.utils import atomic_path, export_to_gif, export_to_video, export_to_webp, load_image
+from pia_torch.utils import (
+    LOOP_EXPORTS,
+    atomic_path,
+    export_to_gif,
+    export_to_video,
+    export_to_webp,
+    load_image,
+    loop_frames,
+)
 
 BASE = "SG161222/Realistic_Vision_V6.0_B1_noVAE"
 ADAPTER = "openmmlab/PIA-condition-adapter"
@@ -174,6 +184,69 @@ def build_parser(prog: str = "pia-torch", description: str = "") -> argparse.Arg
         "its betas and timestep spacing)",
     )
     p.add_argument(
+        "--context-length",
+        type=int,
+        default=None,
+        metavar="L",
+        help="run the UNet on windows of L frames (at most the adapter's motion_max_seq_length) and fuse them: "
+        "videos of any length (on by itself, with L=16, when --frames exceeds the adapter's limit, and for --loop)",
+    )
+    p.add_argument("--context-overlap", type=int, default=4, metavar="O", help="frames two windows share (default 4)")
+    p.add_argument(
+        "--context-schedule",
+        choices=SCHEDULES,
+        default=None,
+        help="uniform (windows move every step; default), static, or looped (closed loops; their default)",
+    )
+    p.add_argument("--context-fuse", choices=FUSE_METHODS, default="pyramid", help="window weights (default pyramid)")
+    p.add_argument(
+        "--anchor",
+        choices=ANCHORS,
+        default="shifted",
+        help="windows far from the image: shifted (each gets a frame at full affinity, as in training; default) "
+        "or global (the full-length affinity curve, sliced)",
+    )
+    p.add_argument("--anchor-gap", type=int, default=0, metavar="G", help="soften shifted anchoring (default 0)")
+    p.add_argument(
+        "--noise",
+        choices=NOISE_TYPES,
+        default="freenoise",
+        help="initial noise of windowed videos: freenoise (repeats with the window length, shuffled; default) "
+        "or random",
+    )
+    p.add_argument("--noise-block", type=int, default=4, metavar="S", help="FreeNoise's shuffle block (default 4)")
+    p.add_argument(
+        "--loop",
+        nargs="?",
+        const="closed",
+        choices=LOOP_MODES,
+        default=None,
+        help="--loop: a seamless loop of any length (closed); --loop legacy: the 16-frame loop presets 3-5 as "
+        "diffusers makes them (frame 0 repeated at the end)",
+    )
+    p.add_argument(
+        "--loop-export",
+        choices=LOOP_EXPORTS,
+        default=None,
+        help="trim: write the loop's period of frames (the default with --loop); pingpong: frames 0..F-1 then "
+        "F-2..1, a loop made of any clip",
+    )
+    p.add_argument(
+        "--keyframe",
+        action="append",
+        default=[],
+        metavar="FRAME:PATH[:STRENGTH]",
+        help="an image at a frame (negative: from the end), e.g. -1:b.png:0.9; repeatable; --image is keyframe 0 "
+        "unless a keyframe is given at frame 0",
+    )
+    p.add_argument(
+        "--cond-frame",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the frame that shows --image (default 0; negative: from the end)",
+    )
+    p.add_argument(
         "--free-init",
         choices=FREE_INIT_METHODS,
         default=None,
@@ -235,8 +308,8 @@ def image_size(width: int, height: int, max_size: int = MAX_SIZE) -> tuple[int, 
 
 def check_args(args: argparse.Namespace) -> None:
     """Every check that needs no weights; raises CLIError."""
-    if not args.demo and (args.image is None or args.prompt is None):
-        raise CLIError("--image and --prompt are required (or use --demo)")
+    if not args.demo and ((args.image is None and not args.keyframe) or args.prompt is None):
+        raise CLIError("--image (or --keyframe) and --prompt are required (or use --demo)")
     for name in ("frames", "steps", "num_videos", "fps"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -262,10 +335,62 @@ def check_args(args: argparse.Namespace) -> None:
         raise CLIError("--device cuda: CUDA is not available on this machine")
     if args.demo and (args.base or args.adapter or args.vae or args.config):
         raise CLIError("--demo brings its own tiny weights: drop --base, --adapter, --config and --vae")
-    for path in [args.vae, *(path for path, _ in args.lora)]:
+    for path in [args.vae, *(path for path, _ in args.lora), *(path for _, path, _ in args.keyframe)]:
         if path is not None and not Path(path).exists():
             raise CLIError(f"not found: {path}")
+    check_video_args(args)
     check_writable(Path(args.out))
+
+
+def check_video_args(args: argparse.Namespace) -> None:
+    """The long-video, loop and keyframe options (the pipeline's own rules, checked before any weights load)."""
+    if args.context_length is not None and args.context_length < 2:
+        raise CLIError(f"--context-length must be >= 2, got {args.context_length}")
+    length = args.context_length or 16
+    if not 0 <= args.context_overlap < length:
+        raise CLIError(f"--context-overlap must be in [0, {length}), got {args.context_overlap}")
+    if not 1 <= args.noise_block <= length:
+        raise CLIError(f"--noise-block must be in [1, {length}], got {args.noise_block}")
+    if args.anchor_gap < 0:
+        raise CLIError(f"--anchor-gap must be >= 0, got {args.anchor_gap}")
+    closed = args.loop == "closed"
+    if args.context_schedule == "looped" and not closed:
+        raise CLIError("--context-schedule looped is for closed loops: add --loop")
+    if closed and args.context_schedule not in (None, "looped"):
+        raise CLIError(f"--loop needs the looped schedule, got --context-schedule {args.context_schedule}")
+    if closed and args.frames < 2:
+        raise CLIError("--loop needs --frames >= 2")
+    if args.loop == "legacy" and args.motion_scale not in LOOP_PRESETS:
+        raise CLIError(f"--loop legacy needs a loop preset (--motion-scale 3, 4 or 5), got {args.motion_scale}")
+    if not -args.frames <= args.cond_frame < args.frames:
+        raise CLIError(f"--cond-frame must be in [{-args.frames}, {args.frames}), got {args.cond_frame}")
+    if args.keyframe and args.cond_frame:
+        raise CLIError("--cond-frame and --keyframe do not go together: give the image's frame with --keyframe")
+    frames = [frame % args.frames for frame, _, _ in args.keyframe if -args.frames <= frame < args.frames]
+    for frame, _, strength in args.keyframe:
+        if not -args.frames <= frame < args.frames:
+            raise CLIError(f"--keyframe frame must be in [{-args.frames}, {args.frames}), got {frame}")
+        if not 0 < strength <= 1:
+            raise CLIError(f"--keyframe strength must be in (0, 1], got {strength}")
+    if args.image is not None and args.keyframe and 0 not in frames:
+        frames.append(0)
+    if len(set(frames)) != len(frames):
+        raise CLIError(f"two keyframes on the same frame: {sorted(frames)} (--image is keyframe 0)")
+
+
+def keyframe_arg(text: str) -> tuple[int, str, float]:
+    """FRAME:PATH[:STRENGTH] -> (frame, path, strength)."""
+    frame, _, rest = text.partition(":")
+    path, _, strength = rest.rpartition(":")
+    try:
+        value = float(strength) if path else 1.0
+    except ValueError:
+        path, value = "", 1.0
+    path = path or rest
+    try:
+        return int(frame), path, value
+    except ValueError as e:
+        raise CLIError(f"--keyframe must be FRAME:PATH[:STRENGTH], got {text!r}") from e
 
 
 def lora_arg(text: str) -> tuple[str, float]:
@@ -326,27 +451,35 @@ def parse_args(argv: list[str], namespace: argparse.Namespace | None = None) -> 
             setattr(args, key, value)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.lora = [lora_arg(text) for text in args.lora]
+    args.keyframe = [keyframe_arg(text) if isinstance(text, str) else tuple(text) for text in args.keyframe]
     check_args(args)
     args.base = args.base or BASE
     args.adapter = args.adapter or ADAPTER
     limit = adapter_frame_limit(args.adapter, args.demo)
-    if args.frames > limit:
-        raise CLIError(f"--frames must be <= {limit} (the adapter's motion_max_seq_length), got {args.frames}")
+    if args.context_length is not None and args.context_length > limit:
+        raise CLIError(
+            f"--context-length must be <= {limit} (the adapter's motion_max_seq_length), got {args.context_length}"
+        )
     return args
 
 
 def resolve_paths(args: argparse.Namespace, folder: Path) -> None:
-    """Resolve the relative local input paths of a video's options (the image) against `folder`."""
-    if args.image is not None and not args.image.startswith(("http://", "https://")):
-        args.image = str(folder / Path(args.image).expanduser())
+    """Resolve the relative local input paths of a video's options (the image, keyframes) against `folder`."""
+
+    def resolve(path: str) -> str:
+        return path if path.startswith(("http://", "https://")) else str(folder / Path(path).expanduser())
+
+    if args.image is not None:
+        args.image = resolve(args.image)
+    args.keyframe = [(frame, resolve(path), strength) for frame, path, strength in args.keyframe]
 
 
 def loop_warning(args: argparse.Namespace) -> str | None:
     """A loop preset with a frame count it does not close a loop at."""
-    if args.motion_scale in LOOP_PRESETS and args.frames != LOOP_FRAMES:
+    if args.motion_scale in LOOP_PRESETS and args.frames != LOOP_FRAMES and args.loop != "closed":
         return (
             f"--motion-scale {args.motion_scale} is a loop preset made for {LOOP_FRAMES} frames; with "
-            f"{args.frames} frames the video does not close a loop"
+            f"{args.frames} frames the video does not close a loop (--loop closes one at any length)"
         )
     return None
 
@@ -371,17 +504,43 @@ def pipeline_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         guidance_scale=args.guidance,
         motion_scale=args.motion_scale,
         strength=args.strength,
+        cond_frame=args.cond_frame,
+        keyframes=keyframes(args),
+        loop=args.loop,
+        context_length=args.context_length,
+        context_overlap=args.context_overlap,
+        context_schedule=args.context_schedule,
+        context_fuse=args.context_fuse,
+        anchor=args.anchor,
+        anchor_gap=args.anchor_gap,
+        noise=args.noise,
+        noise_block=args.noise_block,
     )
+
+
+def keyframes(args: argparse.Namespace) -> list[Keyframe] | None:
+    """--keyframe images (loaded), with --image (or the demo's) as keyframe 0 unless one is given there."""
+    if not args.keyframe:
+        return None
+    try:
+        keys = [Keyframe(frame, load_image(path), strength) for frame, path, strength in args.keyframe]
+    except (OSError, ValueError) as e:
+        raise CLIError(str(e)) from e
+    has_image = args.image is not None or args.demo
+    if has_image and all(key.frame % args.frames for key in keys):
+        keys.insert(0, Keyframe(0))  # the image passed to the pipeline
+    return keys
 
 
 def prepare_image(args: argparse.Namespace) -> Image.Image:
     """Load the image and set args.height/width; the original rule resizes it (bicubic, twice). With --demo
     the long edge is at most DEMO_MAX_SIZE, so any image runs in seconds."""
-    if args.image is None:
+    source = args.image if args.image is not None or args.demo else args.keyframe[0][1]  # keyframes alone
+    if source is None:
         image = demo.demo_image()
     else:
         try:
-            image = load_image(args.image)
+            image = load_image(source)
         except (OSError, ValueError) as e:
             raise CLIError(str(e)) from e
     if args.height is None:
@@ -510,11 +669,13 @@ def sidecar(args: argparse.Namespace, argv: list[str], pipe: PIAPipeline, seed: 
     if args.lora:
         models["lora"] = [{**file_record(path), "weight": weight} for path, weight in args.lora]
     image = file_record(args.image) if args.image is not None and is_file(args.image) else None
+    keys = [{"frame": frame, **file_record(path), "strength": strength} for frame, path, strength in args.keyframe]
     return {
         "command": shlex.join(["pia-torch", *argv]),
         "params": params(args),
         "seed": seed,
         "image": image or args.image or "pia_torch.demo.demo_image()",
+        "keyframes": keys,
         "models": models,
         "scheduler": dict(pipe.scheduler.config),
         "max_frames": pipe.unet.config.motion.max_seq_length,
@@ -559,17 +720,25 @@ def make_video(
     generator = torch.Generator("cpu").manual_seed(seed)
     text, negative = prompts
     try:
-        frames = pipe(
+        output = pipe(
             image,
             prompt_embeds=text,
             negative_prompt_embeds=negative,
             generator=generator,
             output_type="np",
             **pipeline_kwargs(args),
-        ).frames[0]
+        )
     except ValueError as e:  # the pipeline's own input checks
         raise CLIError(one_line(e)) from e
-    write(frames, out, {**sidecar(args, argv, pipe, seed), **(extra or {})}, args.fps)
+    export = args.loop_export or ("trim" if args.loop else None)
+    frames = loop_frames(output.frames[0], output.loop_period, export) if export else output.frames[0]
+    video = {
+        "windows": dataclasses.asdict(output.context) if output.context else None,
+        "loop_period": output.loop_period,
+        "loop_export": export,
+        "frames_written": len(frames),
+    }
+    write(frames, out, {**sidecar(args, argv, pipe, seed), "video": video, **(extra or {})}, args.fps)
 
 
 def run(argv: list[str]) -> int:
@@ -577,6 +746,13 @@ def run(argv: list[str]) -> int:
     warning = loop_warning(args)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
+    limit = adapter_frame_limit(args.adapter, args.demo)
+    if args.frames > limit and args.context_length is None and args.loop != "closed":
+        print(
+            f"note: {args.frames} frames are more than the adapter's {limit}: the UNet runs on windows of 16 frames, "
+            f"{args.context_overlap} shared (--context-length / --context-overlap to choose)",
+            file=sys.stderr,
+        )
     image = prepare_image(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -213,10 +213,12 @@ def postprocess(video: Tensor, output_type: str = "pil") -> Any:
 @dataclass
 class PIAPipelineOutput:
     """frames: (b, f, H, W, 3) np / (b, f, 3, H, W) pt / b lists of f PIL images / latents (b, 4, f, h, w).
-    loop_period: how many frames play as a seamless loop (frames[:, :loop_period]); None if not a loop."""
+    loop_period: how many frames play as a seamless loop (frames[:, :loop_period]); None if not a loop.
+    context: the windows that ran (long_video.ContextOptions), None for the plain path."""
 
     frames: Any
     loop_period: int | None = None
+    context: ContextOptions | None = None
 
     def __getitem__(self, i: int) -> Any:
         return (self.frames,)[i]
@@ -758,4 +760,4 @@ class PIAPipeline:
             with self._on_device(self.vae):
                 frames = postprocess(decode_latents(self.vae, latents, decode_chunk_size), output_type)
         period = loop_period(num_frames, motion_scale, loop)
-        return PIAPipelineOutput(frames=frames, loop_period=period) if return_dict else (frames,)
+        return PIAPipelineOutput(frames, period, context) if return_dict else (frames,)

@@ -404,6 +404,16 @@ BAD = {
     "num-videos 0": (["--num-videos", "0"], "--num-videos must be >= 1"),
     "fps 0": (["--fps", "0"], "--fps must be >= 1"),
     "threads 0": (["--threads", "0"], "--threads must be >= 1"),
+    "context length 1": (["--context-length", "1"], "--context-length must be >= 2"),
+    "overlap >= length": (["--context-length", "8", "--context-overlap", "8"], "--context-overlap must be in [0, 8)"),
+    "noise block": (["--noise-block", "0"], "--noise-block must be in [1, 16]"),
+    "anchor gap": (["--anchor-gap", "-1"], "--anchor-gap must be >= 0"),
+    "looped without loop": (["--context-schedule", "looped"], "add --loop"),
+    "loop with static": (["--loop", "--context-schedule", "static"], "--loop needs the looped schedule"),
+    "legacy loop preset": (["--loop", "legacy"], "--loop legacy needs a loop preset"),
+    "cond frame range": (["--frames", "4", "--cond-frame", "4"], "--cond-frame must be in [-4, 4)"),
+    "keyframe syntax": (["--keyframe", "last:x.png"], "--keyframe must be FRAME:PATH[:STRENGTH]"),
+    "keyframe missing": (["--keyframe", "3:missing.png"], "not found: missing.png"),
 }
 
 
@@ -430,16 +440,16 @@ def test_bad_arguments(tmp_path, capsys, case, demo, no_loading):
     fails([*source, *argv, *out], capsys, tmp_path, match, no_loading)
 
 
-def test_frames_above_the_adapter_limit(tmp_path, capsys, checkpoints, no_loading):
+def test_context_length_above_the_adapter_limit(tmp_path, capsys, checkpoints, no_loading):
     """The limit is read from the adapter's config.json before any weights load (demo: the tiny UNet's)."""
     from pia_torch.config import tiny_unet
 
     limit = tiny_unet().motion.max_seq_length
     fails(
-        ["--demo", "--frames", str(limit + 1), "--steps", "1", "--out", str(tmp_path / "x.gif")],
+        ["--demo", "--frames", "40", "--context-length", str(limit + 1), "--out", str(tmp_path / "x.gif")],
         capsys,
         tmp_path,
-        f"--frames must be <= {limit}",
+        f"--context-length must be <= {limit}",
         no_loading,
     )
     adapter = tmp_path / "adapter"
@@ -458,13 +468,15 @@ def test_frames_above_the_adapter_limit(tmp_path, capsys, checkpoints, no_loadin
             "--base",
             str(tmp_path / "no_base"),
             "--frames",
+            "40",
+            "--context-length",
             "9",
             "--out",
             str(tmp_path / "x.gif"),
         ],
         capsys,
         tmp_path,
-        "--frames must be <= 8 (the adapter's motion_max_seq_length), got 9",
+        "--context-length must be <= 8 (the adapter's motion_max_seq_length), got 9",
         no_loading,
     )
 
@@ -606,7 +618,7 @@ def test_missing_and_unreadable_image(tmp_path, capsys):
 
 
 def test_image_and_prompt_required(tmp_path, capsys):
-    fails(["--out", str(tmp_path / "x.gif")], capsys, tmp_path, "--image and --prompt are required")
+    fails(["--out", str(tmp_path / "x.gif")], capsys, tmp_path, "--image (or --keyframe) and --prompt are required")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -658,3 +670,60 @@ def test_damaged_weights(tmp_path, capsys, checkpoints, damage):
         tmp_path,
         f"cannot read {weights}",
     )
+
+
+# --------------------------------------------------------------------------------------------- long videos
+
+
+def test_long_video_loop_and_keyframes(tmp_path, capsys):
+    """Above the adapter's 32 frames the windows switch on by themselves (a note says so); --loop writes its
+    period; --loop-export pingpong 2F − 2 frames; keyframes are recorded with their files; bad keyframes fail
+    before any weights load."""
+    small = ["--demo", "--steps", "1", "--height", "16", "--width", "16"]
+    info, err = run_ok([*small, "--frames", "36", "--out", str(tmp_path / "long.gif")], capsys)
+    assert "note: 36 frames are more than the adapter's 32" in err
+    assert info["video"]["windows"]["length"] == 16 and info["video"]["frames_written"] == 36
+    assert frame_sizes(tmp_path / "long.gif")[0] == 36
+    info, _ = run_ok([*small, "--frames", "6", "--loop", "--out", str(tmp_path / "loop.gif")], capsys)
+    assert info["video"]["loop_period"] == 6 and info["video"]["windows"]["schedule"] == "looped"
+    assert frame_sizes(tmp_path / "loop.gif")[0] == 6
+    info, _ = run_ok(
+        [*small, "--frames", "16", "--motion-scale", "5", "--loop", "legacy", "--out", str(tmp_path / "legacy.gif")],
+        capsys,
+    )
+    assert info["video"]["loop_period"] == 15 and frame_sizes(tmp_path / "legacy.gif")[0] == 15
+    run_ok([*small, "--frames", "5", "--loop-export", "pingpong", "--out", str(tmp_path / "pp.gif")], capsys)
+    assert frame_sizes(tmp_path / "pp.gif")[0] == 8
+    b = tmp_path / "b.png"
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(b)
+    info, _ = run_ok([*small, "--frames", "6", f"--keyframe=-1:{b}:0.9", "--out", str(tmp_path / "ab.npy")], capsys)
+    assert info["keyframes"][0]["frame"] == -1 and info["keyframes"][0]["strength"] == 0.9
+    assert len(info["keyframes"][0]["sha256"]) == 64
+    plain, _ = run_ok([*small, "--frames", "6", "--out", str(tmp_path / "plain.npy")], capsys)
+    assert not np.array_equal(np.load(tmp_path / "ab.npy")[-1], np.load(tmp_path / "plain.npy")[-1])
+    same, _ = run_ok([*small, "--frames", "6", "--cond-frame", "0", "--out", str(tmp_path / "same.npy")], capsys)
+    assert np.array_equal(np.load(tmp_path / "same.npy"), np.load(tmp_path / "plain.npy"))
+    two = ["--keyframe", f"3:{b}", "--keyframe", f"3:{b}"]
+    fails([*small, *two, "--out", str(tmp_path / "x.gif")], capsys, tmp_path, "same frame")
+
+
+def test_keyframes_alone(tmp_path, capsys):
+    """No --image: the keyframes are the images (the first gives the size)."""
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    Image.new("RGB", (48, 32), (10, 200, 30)).save(a)
+    Image.new("RGB", (48, 32), (200, 30, 30)).save(b)
+    pipe = cli.demo.tiny_pipeline(0)
+    args = cli.parse_args(["--prompt", "p", "--keyframe", f"0:{a}", f"--keyframe=-1:{b}", "--demo", "--frames", "4"])
+    args.image = None
+    kwargs = cli.pipeline_kwargs(args)
+    assert [k.frame for k in kwargs["keyframes"]] == [0, -1]
+    out = pipe(
+        None,
+        "p",
+        height=16,
+        width=16,
+        num_inference_steps=1,
+        output_type="latent",
+        **{k: v for k, v in kwargs.items() if k not in ("height", "width", "num_inference_steps")},
+    )
+    assert out.frames.shape[2] == 4
