@@ -64,7 +64,19 @@ FREE_INIT_PASSES = 3  # `pia-torch --free-init`'s (enable_free_init's default)
 LONG_VIDEO_FACTOR = 4  # the frames slider goes up to 4x the adapter's frame limit (sliding windows beyond it)
 SEED_RANGE = 2**32  # the "Random" button's seeds; a Gradio number holds them exactly
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-MODEL_OPTIONS = ("base", "adapter", "config", "vae", "lora", "conv_in", "dtype", "device", "convention", "demo")
+MODEL_OPTIONS = (
+    "base",
+    "adapter",
+    "config",
+    "vae",
+    "lora",
+    "conv_in",
+    "dtype",
+    "compile",
+    "device",
+    "convention",
+    "demo",
+)
 CSS = ".bad-input { color: var(--error-text-color, #b91c1c); font-weight: 600; }"  # the status line's error
 DEMO_NOTE = "**Demo weights**: a tiny random model, offline. The video is noise: a smoke test of the page."
 
@@ -467,7 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--lora", action="append", default=[], metavar="PATH[:WEIGHT]", help="a LoRA file with its weight (repeat)"
     )
     p.add_argument("--conv-in", choices=("base", "adapter"), default="base", help="where conv_in comes from")
-    p.add_argument("--dtype", choices=tuple(cli.DTYPES), default="fp32", help="weights and compute dtype")
+    p.add_argument(
+        "--dtype", choices=("auto", *cli.DTYPES), default="auto", help="weights and compute dtype (as pia-torch's)"
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet and the VAE decoder")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     p.add_argument("--convention", choices=("original", "diffusers"), default="original", help="UNet normalisation")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")

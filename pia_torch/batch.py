@@ -58,6 +58,7 @@ MODEL_OPTIONS = (
     "lora",
     "conv_in",
     "dtype",
+    "compile",
     "device",
     "convention",
     "threads",

@@ -47,7 +47,7 @@ from pia_torch.freeinit import METHODS as FREE_INIT_METHODS
 from pia_torch.loading import MotionAdapter, read_config
 from pia_torch.long_video import ANCHORS, FUSE_METHODS, LOOP_MODES, NOISE_TYPES, SCHEDULES, Keyframe
 from pia_torch.models.text import tokenize
-from pia_torch.pipeline import PIAPipeline
+from pia_torch.pipeline import PIAPipeline, auto_dtype
 from pia_torch.schedulers import SAMPLERS, SchedulerBase
 from pia_torch.utils import (
     LOOP_EXPORTS,
@@ -271,7 +271,17 @@ def build_parser(prog: str = "pia-torch", description: str = "") -> argparse.Arg
     )
     p.add_argument("--width", type=int, default=None, help="video width, a multiple of 8; with --height")
     p.add_argument("--fps", type=int, default=8, help="frames per second of the written video (default 8)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weights and compute dtype (default fp32)")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", *DTYPES),
+        default="auto",
+        help="weights and compute dtype (default auto: fp16 on CUDA; on a CPU bf16 where it has AMX, else fp32)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet and the VAE decoder (the first video waits for the compiler, later ones gain)",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     p.add_argument(
         "--threads",
@@ -559,7 +569,10 @@ def build_scheduler(name: str) -> SchedulerBase:
 
 def load_pipeline(args: argparse.Namespace) -> PIAPipeline:
     """The pipeline on args.device in args.dtype, with the CLI's scheduler and FreeInit set."""
-    dtype = DTYPES[args.dtype]
+    if args.dtype == "auto":  # the demo's tiny model is overhead-bound: half precision would gain nothing
+        dtype = torch.float32 if args.demo else auto_dtype(args.device)
+    else:
+        dtype = DTYPES[args.dtype]
     try:
         if args.demo:
             pipe = demo.tiny_pipeline(0, convention=args.convention, torch_dtype=dtype)
@@ -587,7 +600,8 @@ def load_pipeline(args: argparse.Namespace) -> PIAPipeline:
         raise CLIError(one_line(e)) from e
     configure(pipe, args)
     pipe.set_progress_bar_config(disable=False)
-    return pipe.to(args.device)
+    pipe.to(args.device)
+    return pipe.compile() if args.compile else pipe
 
 
 def configure(pipe: PIAPipeline, args: argparse.Namespace) -> None:
@@ -679,6 +693,7 @@ def sidecar(args: argparse.Namespace, argv: list[str], pipe: PIAPipeline, seed: 
         "models": models,
         "scheduler": dict(pipe.scheduler.config),
         "max_frames": pipe.unet.config.motion.max_seq_length,
+        "dtype": str(pipe.dtype).removeprefix("torch."),
         "fps": args.fps,
         "versions": versions(),
     }
