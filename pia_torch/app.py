@@ -64,19 +64,6 @@ FREE_INIT_PASSES = 3  # `pia-torch --free-init`'s (enable_free_init's default)
 LONG_VIDEO_FACTOR = 4  # the frames slider goes up to 4x the adapter's frame limit (sliding windows beyond it)
 SEED_RANGE = 2**32  # the "Random" button's seeds; a Gradio number holds them exactly
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-MODEL_OPTIONS = (
-    "base",
-    "adapter",
-    "config",
-    "vae",
-    "lora",
-    "conv_in",
-    "dtype",
-    "compile",
-    "device",
-    "convention",
-    "demo",
-)
 CSS = ".bad-input { color: var(--error-text-color, #b91c1c); font-weight: 600; }"  # the status line's error
 DEMO_NOTE = "**Demo weights**: a tiny random model, offline. The video is noise: a smoke test of the page."
 
@@ -501,7 +488,7 @@ def model_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.threads is not None and args.threads < 1:
         raise cli.CLIError(f"--threads must be >= 1, got {args.threads}")
     out = cli.build_parser().parse_args([])  # every other option at its default
-    for name in MODEL_OPTIONS:
+    for name in cli.MODEL_OPTIONS:
         setattr(out, name, getattr(args, name))
     out.base, out.adapter = args.base or cli.BASE, args.adapter or cli.ADAPTER
     out.lora = [cli.lora_arg(text) for text in args.lora]

@@ -49,21 +49,7 @@ from pia_torch.cli import CLIError
 from pia_torch.pipeline import PIAPipeline
 from pia_torch.utils import atomic_path
 
-# The models' options, the same for every job: given to the batch command only.
-MODEL_OPTIONS = (
-    "base",
-    "adapter",
-    "config",
-    "vae",
-    "lora",
-    "conv_in",
-    "dtype",
-    "compile",
-    "device",
-    "convention",
-    "threads",
-    "demo",
-)
+MODEL_OPTIONS = (*cli.MODEL_OPTIONS, "threads")  # the same for every job: given to the batch command only
 RUN_OPTIONS = ("device", "threads")  # how a video is made, not what it is: left out of the resume check
 FORMATS = tuple(suffix.lstrip(".") for suffix in cli.WRITERS)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")

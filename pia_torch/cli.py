@@ -69,6 +69,20 @@ NEGATIVE_PROMPT = (
     "amputation, extra limb, missing limb, floating,limbs, disconnected limbs, mutation, ugly, disgusting, "
     "bad_pictures, negative_hand-neg"
 )
+# The options that choose and load the models (the same for every video of a `pia-torch batch` or `app` run)
+MODEL_OPTIONS = (
+    "base",
+    "adapter",
+    "config",
+    "vae",
+    "lora",
+    "conv_in",
+    "dtype",
+    "compile",
+    "device",
+    "convention",
+    "demo",
+)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

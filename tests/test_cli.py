@@ -334,7 +334,7 @@ def test_checkpoint_folders(tmp_path, capsys, checkpoints):
 def test_parser_defaults():
     args = cli.build_parser().parse_args([])
     assert (args.guidance, args.strength, args.motion_scale, args.seed) == (7.5, 1.0, 0, 0)
-    assert (args.scheduler, args.convention, args.dtype, args.free_init) == ("ddim", "original", "fp32", None)
+    assert (args.scheduler, args.convention, args.dtype, args.free_init) == ("ddim", "original", "auto", None)
     assert (cli.DEFAULTS["frames"], cli.DEFAULTS["steps"]) == (16, 25)
     assert (cli.BASE, cli.ADAPTER) == ("SG161222/Realistic_Vision_V6.0_B1_noVAE", "openmmlab/PIA-condition-adapter")
 
