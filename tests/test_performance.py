@@ -19,6 +19,7 @@ from pia_torch.models.unet import UNet
 from pia_torch.pipeline import auto_dtype, cpu_native_dtypes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+SIMD_BITS = {"default": 1, "avx2": 256, "avx512": 512}  # ATEN_CPU_CAPABILITY -> inductor's cpp.simdlen
 
 
 def unet_inputs(unet, b=2, f=4, seed=0):
@@ -35,8 +36,9 @@ def test_compiled_unet_equals_eager(monkeypatch):
     torch.manual_seed(0)
     unet = UNet(tiny_unet()).eval()
     x, t, text = unet_inputs(unet)
-    if os.environ.get("ATEN_CPU_CAPABILITY") == "default":  # inductor's vector code needs ATen's vector headers
-        monkeypatch.setattr(torch._inductor.config.cpp, "simdlen", 1)
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")  # inductor picks its vector width from the CPU, not from
+    if capability in SIMD_BITS:  # this variable: generated code and ATen's headers must agree on it
+        monkeypatch.setattr(torch._inductor.config.cpp, "simdlen", SIMD_BITS[capability])
     with torch.no_grad():
         eager = unet(x, t, text)
         compiled = torch.compile(unet, fullgraph=True)(x, t, text)
