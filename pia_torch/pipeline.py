@@ -71,7 +71,7 @@ ImageInput = PIL.Image.Image | np.ndarray | Tensor | Sequence[PIL.Image.Image | 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 DEFAULT_CONTEXT_LENGTH = 16  # the length PIA was trained on
-CHUNKED_DECODE_FRAMES, DECODE_CHUNK = 64, 16  # from this many frames on, the VAE decodes DECODE_CHUNK at a time
+DECODE_PIXELS = 2**20  # default VAE decode chunk: frames of up to this many pixels at a time (4 at 512x512)
 CALLBACK_TENSORS = ("latents", "prompt_embeds", "negative_prompt_embeds")
 
 
@@ -621,7 +621,7 @@ class PIAPipeline:
         partially noised image (img2img); motion_scale picks a MOTION_PRESETS row; guidance_scale > 1 turns
         classifier-free guidance on; callback_on_step_end(pipe, i, t, {name: tensor}) is called once per step
         on the whole video and may return replacements for "latents" / "prompt_embeds"; decode_chunk_size
-        frames go through the VAE at a time (default: all, or 16 from 64 frames on).
+        frames go through the VAE at a time (default: 2**20 pixels' worth, 4 frames at 512×512).
 
         Beyond diffusers (long_video.py):
         - cond_frame: the frame that shows `image` (negative: from the end; default 0). keyframes: several,
@@ -805,8 +805,8 @@ class PIAPipeline:
             )
 
         # 4. decode
-        if decode_chunk_size is None and num_frames >= CHUNKED_DECODE_FRAMES:
-            decode_chunk_size = DECODE_CHUNK
+        if decode_chunk_size is None:  # the decoder's activations dominate the peak memory at 512x512
+            decode_chunk_size = max(1, DECODE_PIXELS // (height * width))
         if output_type == "latent":
             frames = latents
         else:

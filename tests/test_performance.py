@@ -112,3 +112,22 @@ def test_dtype_choice_and_emulation_warning(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="pia_torch"):
         pipe(demo_image(), "p", **kwargs)
     assert not [r for r in caplog.records if "emulates" in r.getMessage()]
+
+
+def test_default_decode_chunks_by_pixels(monkeypatch):
+    """Unless decode_chunk_size is given, the VAE decodes DECODE_PIXELS' worth of frames at a time (4 frames at
+    512x512: its activations set the peak there); the video equals the all-at-once decode within rounding."""
+    pipe = tiny_pipeline(0)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(num_frames=5, height=32, width=32, num_inference_steps=1, output_type="pt", guidance_scale=1)
+    assert pipeline_module.DECODE_PIXELS // (512 * 512) == 4
+    whole = pipe(demo_image(), "p", generator=torch.Generator().manual_seed(0), decode_chunk_size=5, **kwargs).frames
+    monkeypatch.setattr(pipeline_module, "DECODE_PIXELS", 2 * 32 * 32)
+    sizes = []
+    hook = pipe.vae.decoder.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    try:
+        chunked = pipe(demo_image(), "p", generator=torch.Generator().manual_seed(0), **kwargs).frames
+    finally:
+        hook.remove()
+    assert sizes == [2, 2, 1]
+    torch.testing.assert_close(chunked, whole, **tol(whole, fan_in(pipe.vae)))
