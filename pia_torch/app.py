@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import html
 import json
 import random
@@ -60,7 +59,6 @@ MOTION_NAMES = (
 assert len(MOTION_NAMES) == len(MOTION_PRESETS)
 WRITERS = {"gif": export_to_gif, "mp4": export_to_video, "webp": export_to_webp}
 FREE_INIT_CHOICES = ("off", *FREE_INIT_METHODS)
-FREE_INIT_PASSES = 3  # `pia-torch --free-init`'s (enable_free_init's default)
 LONG_VIDEO_FACTOR = 4  # the frames slider goes up to 4x the adapter's frame limit (sliding windows beyond it)
 SEED_RANGE = 2**32  # the "Random" button's seeds; a Gradio number holds them exactly
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -224,10 +222,6 @@ def read_image(path: str, name: str) -> Image.Image:
         raise InputError(f"Cannot read the image {name!r}: it is not an image file (PNG, JPEG, WebP, ...)") from e
 
 
-def sha256(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 # --------------------------------------------------------------------------------------------- the app
 
 
@@ -275,12 +269,9 @@ class App:
         called before the denoising loop and once per step of it. Raises InputError."""
         start = time.perf_counter()
         image, kwargs = self.pipeline_kwargs(r)
-        self.pipe.scheduler = cli.build_scheduler(r.sampler)  # as `pia-torch --scheduler`
-        if r.free_init == "off":
-            self.pipe.disable_free_init()
-        else:  # as `pia-torch --free-init METHOD`
-            self.pipe.enable_free_init(num_iters=FREE_INIT_PASSES, method=r.free_init)
-        passes = FREE_INIT_PASSES if r.free_init != "off" else 1
+        free_init = None if r.free_init == "off" else r.free_init
+        cli.configure(self.pipe, r.sampler, free_init)  # as `pia-torch --scheduler ... --free-init ...`
+        passes = cli.FREE_INIT_PASSES if free_init else 1
         total = passes * int(r.steps * r.strength)
         done = 0
 
@@ -319,9 +310,9 @@ class App:
     def sidecar(self, r: Request, kwargs: dict[str, Any], seconds: float) -> dict[str, Any]:
         """Everything needed to reproduce the video: the page's settings, the pipeline's arguments, the seed,
         the images (sha256), the models, the scheduler and the library versions."""
-        images = [{"name": r.image_name, "sha256": sha256(r.image)}]
+        images = [{"name": r.image_name, "sha256": cli.file_record(r.image)["sha256"]}]
         if r.keyframe_image is not None:
-            images.append({"name": r.keyframe_name, "sha256": sha256(r.keyframe_image)})
+            images.append({"name": r.keyframe_name, "sha256": cli.file_record(r.keyframe_image)["sha256"]})
         pipeline = {k: v for k, v in kwargs.items() if k != "keyframes"}
         if "keyframes" in kwargs:
             pipeline["keyframes"] = [

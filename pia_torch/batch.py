@@ -54,7 +54,6 @@ RUN_OPTIONS = ("device", "threads")  # how a video is made, not what it is: left
 FORMATS = tuple(suffix.lstrip(".") for suffix in cli.WRITERS)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 SUMMARY = "summary.json"
-FREE_INIT_PASSES = 3  # enable_free_init's default, which the CLI uses
 # The longest a rank waits for the others at a collective: at the end, for the slowest rank's last jobs.
 TIMEOUT = timedelta(hours=24)
 
@@ -289,7 +288,7 @@ def is_done(job: Job) -> bool:
 def cost(job: Job) -> int:
     """The work of a job, for balancing: frames x denoising steps (x FreeInit's passes) x pixels."""
     args = job.args
-    steps = int(args.steps * args.strength) * (FREE_INIT_PASSES if args.free_init else 1)
+    steps = int(args.steps * args.strength) * (cli.FREE_INIT_PASSES if args.free_init else 1)
     return args.frames * steps * pixels(args)
 
 
@@ -343,7 +342,7 @@ def make_video(pipe: PIAPipeline, job: Job, cmd_argv: list[str], manifest: str) 
     args = job.args
     image = cli.prepare_image(args)
     batch = {"manifest": manifest, "line": job.line, "job": job.options, "key": resume_key(job)}
-    cli.configure(pipe, args)
+    cli.configure(pipe, args.scheduler, args.free_init)
     prompts = cli.encode_prompts(pipe, args)
     cli.make_video(pipe, args, image, prompts, args.seed, job.out, ["batch", *cmd_argv], {"batch": batch})
 

@@ -45,7 +45,16 @@ from pia_torch import demo, hub
 from pia_torch.config import PIA_MOTION, MotionConfig, tiny_unet
 from pia_torch.freeinit import METHODS as FREE_INIT_METHODS
 from pia_torch.loading import MotionAdapter, read_config
-from pia_torch.long_video import ANCHORS, FUSE_METHODS, LOOP_MODES, NOISE_TYPES, SCHEDULES, Keyframe
+from pia_torch.long_video import (
+    ANCHORS,
+    FUSE_METHODS,
+    LEGACY_LOOP_FRAMES,
+    LOOP_MODES,
+    LOOP_PRESETS,
+    NOISE_TYPES,
+    SCHEDULES,
+    Keyframe,
+)
 from pia_torch.models.text import tokenize
 from pia_torch.pipeline import PIAPipeline, auto_dtype
 from pia_torch.schedulers import SAMPLERS, SchedulerBase
@@ -96,8 +105,7 @@ def export_to_npy(frames: np.ndarray, path: str | Path, fps: int = 8) -> str:
 WRITERS = {".gif": export_to_gif, ".mp4": export_to_video, ".webp": export_to_webp, ".npy": export_to_npy}
 MAX_SIZE = 512
 DEMO_MAX_SIZE = 64  # the demo's working size: the bundled image's (the tiny VAE only halves the size)
-LOOP_PRESETS = (3, 4, 5)  # their affinity curves close a loop at exactly LOOP_FRAMES frames
-LOOP_FRAMES = 16
+FREE_INIT_PASSES = 3  # --free-init's iterations (enable_free_init's default)
 # `pia-torch NAME ...`: NAME's module provides main(argv) -> exit status
 SUBCOMMANDS = {"batch": "pia_torch.batch", "app": "pia_torch.app"}
 DEFAULTS = dict(frames=16, steps=25, prompt=None)
@@ -500,9 +508,9 @@ def resolve_paths(args: argparse.Namespace, folder: Path) -> None:
 
 def loop_warning(args: argparse.Namespace) -> str | None:
     """A loop preset with a frame count it does not close a loop at."""
-    if args.motion_scale in LOOP_PRESETS and args.frames != LOOP_FRAMES and args.loop != "closed":
+    if args.motion_scale in LOOP_PRESETS and args.frames != LEGACY_LOOP_FRAMES and args.loop != "closed":
         return (
-            f"--motion-scale {args.motion_scale} is a loop preset made for {LOOP_FRAMES} frames; with "
+            f"--motion-scale {args.motion_scale} is a loop preset made for {LEGACY_LOOP_FRAMES} frames; with "
             f"{args.frames} frames the video does not close a loop (--loop closes one at any length)"
         )
     return None
@@ -612,19 +620,19 @@ def load_pipeline(args: argparse.Namespace) -> PIAPipeline:
             pipe.fuse_lora()
     except (OSError, ValueError) as e:  # not found (offline / unknown id), corrupt file, CheckpointError
         raise CLIError(one_line(e)) from e
-    configure(pipe, args)
+    configure(pipe, args.scheduler, args.free_init)
     pipe.set_progress_bar_config(disable=False)
     pipe.to(args.device)
     return pipe.compile() if args.compile else pipe
 
 
-def configure(pipe: PIAPipeline, args: argparse.Namespace) -> None:
-    """The video's sampler settings on the pipeline: the scheduler, FreeInit on or off."""
-    pipe.scheduler = build_scheduler(args.scheduler)
-    if args.free_init is None:
+def configure(pipe: PIAPipeline, scheduler: str, free_init: str | None) -> None:
+    """The video's sampler settings on the pipeline: the scheduler (a SAMPLERS name), FreeInit's filter or None."""
+    pipe.scheduler = build_scheduler(scheduler)
+    if free_init is None:
         pipe.disable_free_init()
     else:
-        pipe.enable_free_init(method=args.free_init)
+        pipe.enable_free_init(num_iters=FREE_INIT_PASSES, method=free_init)
 
 
 def encode_prompts(pipe: PIAPipeline, args: argparse.Namespace) -> tuple:

@@ -79,12 +79,17 @@ def mask_coefficients(num_frames: int, motion_scale: int = 0, cond_frame: int = 
     return [row[min(abs(i - cond_frame), len(row) - 1)] for i in range(num_frames)]
 
 
+def is_loop_preset(motion_scale: int) -> bool:
+    """Rows 3-5 (or their negative indices): the 16-frame loop presets."""
+    return motion_scale % len(MOTION_PRESETS) in LOOP_PRESETS
+
+
 def loop_profile(motion_scale: int) -> tuple[float, ...]:
     """The affinity profile of a closed loop: a loop preset's first half (rows 3-5 are rows 0-2 padded to
     8 frames, then mirrored), any other row as it is."""
     check_motion_scale(motion_scale)
     row = MOTION_PRESETS[motion_scale]
-    return row[: LEGACY_LOOP_FRAMES // 2] if motion_scale % len(MOTION_PRESETS) in LOOP_PRESETS else row
+    return row[: LEGACY_LOOP_FRAMES // 2] if is_loop_preset(motion_scale) else row
 
 
 @dataclass(frozen=True)
@@ -212,8 +217,7 @@ def loop_period(num_frames: int, motion_scale: int, loop: str | None) -> int | N
     at 16 frames (its last frame repeats frame 0); None when the video is not a loop."""
     if loop == "closed":
         return num_frames
-    legacy = motion_scale % len(MOTION_PRESETS) in LOOP_PRESETS
-    return LEGACY_LOOP_FRAMES - 1 if legacy and num_frames == LEGACY_LOOP_FRAMES else None
+    return LEGACY_LOOP_FRAMES - 1 if is_loop_preset(motion_scale) and num_frames == LEGACY_LOOP_FRAMES else None
 
 
 # --------------------------------------------------------------------------------------------- windows

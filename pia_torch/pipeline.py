@@ -44,13 +44,13 @@ from pia_torch.loading import MotionAdapter, load_pipeline_components
 from pia_torch.long_video import (
     ANCHORS,
     LOOP_MODES,
-    LOOP_PRESETS,
     MOTION_PRESETS,
     NOISE_TYPES,
     ContextOptions,
     Keyframe,
     check_motion_scale,
     freenoise,
+    is_loop_preset,
     keyframe_plan,
     loop_period,
     loop_profile,
@@ -664,7 +664,7 @@ class PIAPipeline:
         loop = {True: "closed", False: None}.get(loop, loop) if isinstance(loop, bool) else loop
         if loop is not None and loop not in LOOP_MODES:
             raise ValueError(f"loop must be None, True or one of {LOOP_MODES}, got {loop!r}")
-        closed, legacy = loop == "closed", motion_scale % len(MOTION_PRESETS) in LOOP_PRESETS
+        closed, legacy = loop == "closed", is_loop_preset(motion_scale)
         if loop == "legacy" and not legacy:
             raise ValueError(f"loop='legacy' needs a loop preset (motion_scale 3, 4 or 5), got {motion_scale}")
         if closed and num_frames < 2:
