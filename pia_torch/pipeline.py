@@ -144,17 +144,25 @@ def make_denoiser(
     """The model closure for `sampling.sample`: the model input x (b, 4, f, h, w) (already scaled by the
     loop), t -> the model output (ε, or v / x0 by the UNet's training) (b, 4, f, h, w). Stateless.
 
-    mask (b, 1, f, h, w) and cond (b, 4, f, h, w) are concatenated to x. With classifier-free guidance
-    (guidance_scale > 1) text holds 2b rows [uncond; cond], the input is run twice and the output is
-    out_u + g·(out_c − out_u). Text states are (b', l, d), shared by every frame of a video. The
-    `text` attribute of the returned function may be replaced between steps.
+    mask (b, 1, f, h, w) and cond (b, 4, f, h, w) follow x as channels 4..8 of the UNet's input. With
+    classifier-free guidance (guidance_scale > 1) text holds 2b rows [uncond; cond], the input is run
+    twice and the output is out_u + g·(out_c − out_u). Text states are (b', l, d), shared by every frame
+    of a video. The `text` attribute of the returned function may be replaced between steps.
+
+    The input is one buffer per video, (k·b, f, 9, h, w) in memory, with mask and condition written once:
+    a step copies x into channels 0..3 and hands the UNet the (k·b, 9, f, h, w) view, which it flattens to
+    ((k·b f), 9, h, w) without a copy. The buffer is overwritten at every step.
     """
     guided = guidance_scale > 1
+    b, _, f, h, w = cond.shape
+    buffer = cond.new_empty((2 if guided else 1) * b, f, 4 + mask.shape[1] + cond.shape[1], h, w)
+    x_in = buffer.transpose(1, 2)  # (k·b, 9, f, h, w)
+    for k in range(x_in.shape[0] // b):
+        x_in[k * b : (k + 1) * b, 4:] = torch.cat([mask, cond], dim=1)
 
     def denoise(x: Tensor, t: Tensor) -> Tensor:
-        x_in = torch.cat([x, mask, cond], dim=1)  # (b, 4 + 1 + 4, f, h, w)
-        if guided:
-            x_in = torch.cat([x_in] * 2)  # (2b, 9, f, h, w)
+        for k in range(x_in.shape[0] // b):
+            x_in[k * b : (k + 1) * b, :4] = x
         model_output = unet(x_in, t, denoise.text)
         if guided:
             out_u, out_c = model_output.chunk(2)

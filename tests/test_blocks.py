@@ -22,7 +22,7 @@ from diffusers.models.upsampling import Upsample2D
 
 from pia_torch.models.attention import Attention, FeedForward
 from pia_torch.models.blocks import Downsample, ResnetBlock, SpatialTransformer, Upsample, timestep_embedding
-from pia_torch.models.motion import TemporalTransformer, frame_positions
+from pia_torch.models.motion import TemporalTransformer, cached_frame_positions, frame_positions
 
 
 def _ref(cls, *args, seed: int = 0, **kwargs) -> torch.nn.Module:
@@ -51,6 +51,16 @@ def test_resnet_block(cin, cout, temb, groups, eps):
     e = torch.randn(3, temb) if temb else None
     with torch.no_grad():
         want = ref(x, e)
+        torch.testing.assert_close(block(x, e), want, **tol(want, fan_in(ref)))
+
+
+def test_resnet_block_shared_temb():
+    """temb (b, c) shared by the f frames of each video = diffusers with temb repeated per frame (b f, c)."""
+    ref = _ref(ResnetBlock2D, in_channels=16, out_channels=32, temb_channels=24, groups=4, eps=1e-5)
+    block = copy_from_diffusers(ResnetBlock(16, 32, temb_channels=24, groups=4, eps=1e-5), ref)
+    x, e = torch.randn(2 * 3, 16, 5, 4), torch.randn(2, 24)  # b = 2 videos of f = 3 frames
+    with torch.no_grad():
+        want = ref(x, e.repeat_interleave(3, dim=0))
         torch.testing.assert_close(block(x, e), want, **tol(want, fan_in(ref)))
 
 
@@ -148,3 +158,14 @@ def test_frame_positions_bit_identical(channels, length):
     got = frame_positions(length, channels)
     assert got.dtype == torch.float32 and got.shape == (1, length, channels)
     assert torch.equal(got, want)
+
+
+def test_cached_frame_positions():
+    """Made once per (length, width, device, dtype), equal to frame_positions cast, and a normal tensor
+    even when first asked for in inference mode (so a later autograd run can use it)."""
+    with torch.inference_mode():
+        first = cached_frame_positions(29, 48, torch.device("cpu"), torch.float16)
+    assert not first.is_inference()
+    assert cached_frame_positions(29, 48, torch.device("cpu"), torch.float16) is first
+    assert torch.equal(first, frame_positions(29, 48).half())
+    assert torch.equal(cached_frame_positions(29, 48, torch.device("cpu"), torch.float32), frame_positions(29, 48))

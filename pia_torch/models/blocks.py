@@ -59,13 +59,18 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor, temb: Tensor | None = None, frames: int = 1) -> Tensor:
-        """x (N, c_in, h, w), temb (N, temb_c) or None -> (N, c_out, h, w).
+        """x (N, c_in, h, w), temb (N, temb_c), (n, temb_c) shared by N/n consecutive rows (the frames of
+        a video: projected once per video, not per frame), or None -> (N, c_out, h, w).
 
         frames > 1: GroupNorm statistics are pooled over `frames` consecutive rows of N = (b f).
         """
         h = self.conv1(F.silu(group_norm(x, self.norm1, frames)))
         if temb is not None:
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+            t = self.time_emb_proj(F.silu(temb))  # (n, c_out)
+            if t.shape[0] == h.shape[0]:
+                h = h + t[:, :, None, None]
+            else:  # broadcast over the rows that share it
+                h = (h.unflatten(0, (t.shape[0], -1)) + t[:, None, :, None, None]).flatten(0, 1)
         h = self.conv2(F.silu(group_norm(h, self.norm2, frames)))
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 

@@ -30,13 +30,29 @@ def frame_positions(num_positions: int, channels: int, device: torch.device | No
     return pe
 
 
+_POSITIONS: dict[tuple, Tensor] = {}
+
+
+def cached_frame_positions(num_positions: int, channels: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """`frame_positions` in `dtype` on `device`, made once per (length, width, device, dtype) and shared by
+    every motion module and step (a constant: never modify it in place). Under torch.compile it is
+    computed in the graph, which folds it into a constant."""
+    if torch.compiler.is_compiling():
+        return frame_positions(num_positions, channels, device).to(dtype)
+    key = (num_positions, channels, device, dtype)
+    if key not in _POSITIONS:
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor even if first made in inference mode
+            _POSITIONS[key] = frame_positions(num_positions, channels, device).to(dtype)
+    return _POSITIONS[key]
+
+
 class TemporalTransformer(nn.Module):
     """GroupNorm -> Linear -> transformer blocks over the frame axis -> Linear, plus the residual.
 
     Each pixel of each video is a sequence of `frames` tokens. Both attentions of a block are
     temporal self-attentions; diffusers calls the second one `attn2`, which reads like
     cross-attention but is not (its `double_self_attention=True`). The frame embedding is not a
-    stored buffer: `frame_positions` recomputes it in forward.
+    stored buffer: `cached_frame_positions` makes it once per width, device and dtype.
     norm_over_frames: True (diffusers) pools the input GroupNorm over all frames of a video;
     False (the original PIA) normalises each frame on its own.
     """
@@ -69,7 +85,7 @@ class TemporalTransformer(nn.Module):
         _, c, height, width = x.shape
         h = group_norm(x, self.norm, frames if self.norm_over_frames else 1)
         h = self.proj_in(rearrange(h, "(b f) c h w -> (b h w) f c", f=frames))
-        pos = frame_positions(self.max_seq_length, c, x.device)[:, :frames].to(h.dtype)  # (1, f, c)
+        pos = cached_frame_positions(self.max_seq_length, c, x.device, h.dtype)[:, :frames]  # (1, f, c)
         for block in self.transformer_blocks:
             h = block(h, pos=pos)
         h = rearrange(self.proj_out(h), "(b h w) f c -> (b f) c h w", h=height, w=width)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import Tensor, nn
 
 from pia_torch.config import UNetConfig
@@ -225,8 +225,7 @@ class UNet(nn.Module):
 
         te = self.time_embedding
         emb = timestep_embedding(t.expand(b), self.config.block_out_channels[0]).to(te.linear_1.weight.dtype)
-        emb = te.linear_2(F.silu(te.linear_1(emb)))  # (b, 4 c0)
-        emb = repeat(emb, "b c -> (b f) c", f=f)  # ((b f), 4 c0): the same for every frame
+        emb = te.linear_2(F.silu(te.linear_1(emb)))  # (b, 4 c0): shared by the f frames of a video
         # "original": ResNet norms and conv_norm_out pool statistics over the f frames of a video.
         norm_frames = f if self.config.convention == "original" else 1
 
