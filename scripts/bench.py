@@ -36,6 +36,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -316,7 +317,9 @@ class Probe:
         self.step_ends: list[int] = []  # len(self.calls) at the end of each denoising step
         self.counter: Any = None  # a FlopCounterMode while counting
         self.keep_decoded = False
-        self.decoded: torch.Tensor | None = None  # the latents the VAE decoder got last (the agreement check)
+        # the latents the VAE decoder got in the last run, one entry per decode call (the agreement check):
+        # pia_torch decodes in chunks of frames (4 at 512x512), diffusers all frames at once
+        self.decoded: list[torch.Tensor] = []
 
     def now(self) -> Any:
         if not self.cuda:
@@ -334,7 +337,7 @@ class Probe:
             if self.counter is not None:
                 flops = self.counter.get_total_flops() - flops
             if name == "vae decode" and self.keep_decoded:
-                self.decoded = args[0].detach().float().cpu()
+                self.decoded.append(args[0].detach().float().cpu())
             self.calls.append((name, start, end, flops))
             return out
 
@@ -479,18 +482,22 @@ def sync(device: torch.device) -> None:
 
 
 def best_time(fn: Callable[[], object], device: torch.device, min_reps: int = 3, budget: float = 0.5) -> float:
-    """Seconds of one call: the fastest of at least `min_reps` samples after a warm-up (more while under
-    `budget` seconds). A GPU sample is 10 calls queued back to back, so launch and sync latency don't count."""
+    """Seconds of one call: the fastest of at least `min_reps` samples after a warm-up (more, up to 20, while
+    the samples took under `budget` seconds). A GPU sample is 10 calls queued back to back, so launch and sync
+    latency don't count."""
     inner = 10 if device.type == "cuda" else 1
     fn()
     sync(device)
     times: list[float] = []
-    while len(times) < min_reps or (sum(times) < budget and len(times) < 20):
+    spent = 0.0  # wall seconds of the samples (inner calls each)
+    while len(times) < min_reps or (spent < budget and len(times) < 20):
         start = time.perf_counter()
         for _ in range(inner):
             fn()
         sync(device)
-        times.append((time.perf_counter() - start) / inner)
+        elapsed = time.perf_counter() - start
+        spent += elapsed
+        times.append(elapsed / inner)
     return min(times)
 
 
@@ -586,7 +593,10 @@ def one_run(pipe: Any, args: dict[str, Any], probe: Probe, device: torch.device)
         "unet calls": calls["unet calls"],
     }
     if device.type == "cuda":
+        # the peak over what was allocated before the call (this library's weights, and the other library's:
+        # both are loaded in this process), and the process's absolute peak (both libraries' weights in it)
         run["cuda_peak_over_resident"] = torch.cuda.max_memory_allocated(device) - resident
+        run["cuda_peak"] = torch.cuda.max_memory_allocated(device)
     return run, frames
 
 
@@ -621,7 +631,7 @@ def count_and_check(
         flops[lib] = {name: calls[name][1] for name in PARTS}
         flops[lib] |= {"unet step": statistics.fmean(unet), "unet, all steps": sum(unet)}
         flops[lib]["end to end"] = counter.get_total_flops()
-        latents[lib], probe.decoded = probe.decoded, None
+        latents[lib], probe.decoded = torch.cat(probe.decoded), []
     a, b = (frames[lib].astype(np.float64) for lib in LIBS)
     la, lb = (latents[lib].double() for lib in LIBS)
     frames_diff = float(np.abs(a - b).max())
@@ -646,9 +656,15 @@ def measure(
     warmup: int,
     repeats: int,
     label: str = "",
+    result: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Warm-up runs of each, then `repeats` runs of each alternating A B B A ...; every run's rows."""
-    first, runs = {}, {lib: [] for lib in pipes}
+    """Warm-up runs of each, then `repeats` runs of each alternating A B B A ...; every run's rows, filled into
+    `result` as they end (a run stopped half-way keeps those)."""
+    result = {} if result is None else result
+    first = result.setdefault("first_call", {})
+    runs = result.setdefault("runs", {})
+    for lib in pipes:
+        runs.setdefault(lib, [])
     for i in range(warmup):
         for lib, pipe in pipes.items():
             run, _ = one_run(pipe, args, probes[lib], device)
@@ -660,7 +676,7 @@ def measure(
             run, _ = one_run(pipes[lib], args, probes[lib], device)
             runs[lib].append(run)
             log(f"{label}run {r + 1}/{repeats} {lib}: {run['end to end']:.3f} s")
-    return {"first_call": first, "runs": runs}
+    return result
 
 
 def stats(values: list[float | None]) -> dict[str, Any] | None:
@@ -783,12 +799,18 @@ def max_frames(lib: str, pipe: Any) -> int:
 
 
 def scaling(
-    pipes: dict[str, Any], probes: dict[str, Probe], root: Path, opts: argparse.Namespace, device: torch.device
+    pipes: dict[str, Any],
+    probes: dict[str, Probe],
+    root: Path,
+    opts: argparse.Namespace,
+    device: torch.device,
+    table: list[dict[str, Any]],
+    loaded: dict[str, int] | None = None,
 ) -> list[dict[str, Any]]:
-    """UNet step, VAE decode and end to end over frames x sizes, `--scaling-steps` steps each. 64 frames only
-    where a library accepts them: pia_torch's pipeline is asked (its error says so before any work), diffusers'
-    UNet is checked against its motion_max_seq_length."""
-    table = []
+    """UNet step, VAE decode and end to end over frames x sizes, `--scaling-steps` steps each, appended to
+    `table` as each shape ends. 64 frames only where a library accepts them: pia_torch's pipeline is asked (its
+    error says so before any work), diffusers' UNet is checked against its motion_max_seq_length. On a GPU,
+    `loaded` (each library's allocated bytes after loading) gives the peak of a library alone on it."""
     for size in opts.scaling_sizes:
         for frames in opts.scaling_frames:
             args = call_args(root, frames, (size, size), opts.scaling_steps, opts.guidance)
@@ -816,6 +838,8 @@ def scaling(
                 entry[lib]["unet calls per step"] = runs[0]["unet calls"] / len(runs[0]["unet steps"])
                 if device.type == "cuda":
                     entry[lib]["cuda_peak_over_resident"] = max(run["cuda_peak_over_resident"] for run in runs)
+                    if loaded:
+                        entry[lib]["cuda_peak_alone"] = loaded[lib] + entry[lib]["cuda_peak_over_resident"]
             table.append(entry)
     return table
 
@@ -863,6 +887,8 @@ def markdown(report: dict[str, Any]) -> str:
         sections.append(rates_table(report["rates"]))
     if "memory" in report:
         sections.append(memory_table(report["memory"]))
+    if "offload" in report:
+        sections.append(offload_table(report["offload"]))
     if report.get("scaling"):
         sections.append(scaling_table(report["scaling"], report["config"]["device"]))
     return "\n\n".join(sections) + "\n"
@@ -884,13 +910,19 @@ def header(report: dict[str, Any]) -> str:
         lines.append(
             f"Same computation: frames max |Δ| = {agree['frames_max_abs_diff']:.2e} (tolerance "
             f"{agree['tolerance']:g}), decoded latents max |Δ| / max |x| = {agree['latents_max_rel_diff']:.2e}: "
-            f"{'PASSED' if agree['passed'] else 'FAILED'}."
+            f"{'PASSED' if agree['passed'] else 'FAILED'}"
+            + (f" (eager, from {agree['from']})." if agree.get("from") else ".")
         )
     if "rows" in report:
         lines.append(
             f"{cfg['warmup']} warm-up + {cfg['repeats']} timed runs of each, alternating; "
             "speed-up = diffusers / pia_torch (> 1: pia_torch is faster)."
         )
+    if report.get("error"):
+        lines.append(f"STOPPED EARLY ({report['error']}): the tables hold what was measured before.")
+        if "rows" not in report and report.get("first_call"):  # --compile: the first calls compile
+            firsts = ", ".join(f"{lib} {fmt_s(s)}" for lib, s in report["first_call"].items())
+            lines.append(f"First calls (warm-up 1{', compiling' if cfg['compile'] else ''}): {firsts}.")
     return "\n".join(lines)
 
 
@@ -941,8 +973,36 @@ def memory_table(mem: dict[str, Any]) -> str:
         rows = [[lib] + [gib(mem[lib][k]) for k in ("rss_after_import", "rss_after_load", "peak_rss")] for lib in LIBS]
         text = table(["RSS, each library in its own process", "after import", "after load", "peak"], rows)
         return text + f"\n\npia_torch / diffusers peak RSS: {mem['ratio_peak_rss']:.2f}"
-    rows = [[lib, gib(mem[lib]["weights"]), gib(mem[lib]["cuda_peak_over_resident"])] for lib in LIBS]
-    return table(["CUDA memory", "weights", "peak during the call over resident"], rows)
+    keys = ("weights", "loaded", "cuda_peak_over_resident", "cuda_peak_alone", "cuda_peak_process")
+    rows = [[lib] + [gib(mem[lib].get(k)) for k in keys] for lib in LIBS]
+    headers = ["CUDA memory (max_memory_allocated)", "parameters", "allocated by loading", "peak over resident"]
+    headers += ["peak alone (loading + over)", "process peak (both loaded)"]
+    p, d = (mem[lib].get("cuda_peak_alone") for lib in LIBS)
+    ratio = f"\n\npia_torch / diffusers peak alone: {p / d:.2f}" if p and d else ""
+    return table(headers, rows) + ratio
+
+
+def offload_table(off: dict[str, Any]) -> str:
+    rows = []
+    for lib in LIBS:
+        e = off.get(lib) or {}
+        gpu, cpu = e.get("gpu") or {}, e.get("cpu offload") or {}
+        rows.append(
+            [lib, gib(e.get("loaded")), gib(gpu.get("peak")), fmt_s(gpu.get("seconds"))]
+            + [gib(e.get("loaded_offloaded")), gib(cpu.get("peak")), fmt_s(cpu.get("seconds"))]
+        )
+    headers = ["each library alone on the GPU", "allocated by loading", "peak", "end to end"]
+    headers += ["with enable_model_cpu_offload(): allocated", "peak", "end to end"]
+    note = (
+        "Peak: torch.cuda.max_memory_allocated over one call, everything the library holds on the GPU counted "
+        "(weights included); end to end: min of the timed calls, after a warm-up call."
+    )
+    text = table(headers, rows) + "\n\n" + note
+    layouts = [(lib, name, t) for lib in LIBS for name, t in ((off.get(lib) or {}).get("layout") or {}).items()]
+    if layouts:
+        cells = [[lib, name, fmt_s(t["unet call"]), fmt_s(t["vae decode (4 frames)"])] for lib, name, t in layouts]
+        text += "\n\n" + table(["memory format", "weights", "one UNet call", "VAE decode, 4 frames"], cells)
+    return text
 
 
 def scaling_table(entries: list[dict[str, Any]], device: str) -> str:
@@ -957,10 +1017,11 @@ def scaling_table(entries: list[dict[str, Any]], device: str) -> str:
             if key == "unet step" and calls > 1:  # sliding windows
                 cells[-3] += f" ({calls:g} calls)"
         if device == "cuda":
-            cells += [gib((e.get(lib) or {}).get("cuda_peak_over_resident")) for lib in LIBS]
+            cells += [gib((e.get(lib) or {}).get("cuda_peak_alone")) for lib in LIBS]
         rows.append(cells)
     headers = ["frames", "size", "UNet step pia", "diffusers", "x", "decode pia", "diffusers", "x"]
-    headers += ["e2e pia", "diffusers", "x"] + (["peak pia", "peak diffusers"] if device == "cuda" else [])
+    headers += ["e2e pia", "diffusers", "x"]
+    headers += ["peak alone pia", "peak alone diffusers"] if device == "cuda" else []
     title = f"Scaling ({plural(entries[0]['steps'], 'step')} per call, min of runs; '-': not run or not supported):"
     return title + "\n\n" + table(headers, rows)
 
@@ -989,12 +1050,27 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="CPU: peak RSS of each library in its own process (CUDA: always measured, in this one)",
     )
     parser.add_argument("--memory-only", action="store_true", help="--memory, and no timings")
+    parser.add_argument(
+        "--offload",
+        action="store_true",
+        help="CUDA, and no timing table: each library alone on the GPU, its peak memory and time of a call, "
+        "plain and with enable_model_cpu_offload() (use few --steps: the peak is the same at any count)",
+    )
+    parser.add_argument(
+        "--layout", action="store_true", help="with --offload: UNet and VAE decode in contiguous vs channels_last"
+    )
     parser.add_argument("--scaling", action="store_true", help="add the table over frames and sizes")
     parser.add_argument("--scaling-frames", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--scaling-sizes", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--scaling-steps", type=int, default=1)
     parser.add_argument("--scaling-repeats", type=int, default=2)
     parser.add_argument("--weights-dir", help="keep the random weights here and reuse them on later runs")
+    parser.add_argument(
+        "--check-from",
+        metavar="JSON",
+        help="take the FLOP counts and the frames-agree check from this earlier report of the same run (e.g. the "
+        "eager one before a --compile run: that check runs eagerly anyway) instead of counting again",
+    )
     parser.add_argument("--json", help="write every number here")
     parser.add_argument("--markdown", help="write the tables here")
     parser.add_argument("--quick", action="store_true", help="smoke: tiny model, 1 run, no scaling, small rates")
@@ -1013,6 +1089,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     opts.memory = opts.memory or opts.memory_only
     if opts.memory_only and opts.device != "cpu":
         parser.error("--memory-only is for CPUs (on a GPU the timing runs measure the peak memory)")
+    if opts.offload and opts.device != "cuda":
+        parser.error("--offload needs --device cuda (CPU offload moves the models to an accelerator)")
     if opts.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False")
     return opts
@@ -1028,55 +1106,209 @@ def main(argv: list[str] | None = None) -> int:
     device, dtype = torch.device(opts.device), DTYPES[opts.dtype]
     temporary = None if opts.weights_dir else tempfile.TemporaryDirectory(prefix="pia_bench_")
     root = Path(opts.weights_dir or temporary.name)
+    report: dict[str, Any] = {"config": {k: v for k, v in vars(opts).items() if k != "child"}}
+    flops: dict[str, Any] = {}
+    pipes: dict[str, Any] = {}
+    loaded: dict[str, int] = {}  # CUDA: the bytes loading each library allocated
+    signal.signal(signal.SIGTERM, terminate)  # `timeout`: write what was measured (below), then stop
     try:
         build_weights(opts.size, root)
-        report: dict[str, Any] = {"config": {k: v for k, v in vars(opts).items() if k != "child"}}
         report["machine"] = machine_card(device)
         if opts.memory and device.type == "cpu":  # first: the subprocesses run while this one holds no model
             report["memory"] = measure_rss(opts, root)
         if opts.memory_only:
+            return finish(report, opts)
+        if opts.offload:
+            report["offload"] = {}
+            measure_offload(opts, root, dtype, device, report["offload"])
             return finish(report, opts)
         log("machine rates ...")
         report["rates"] = machine_rates(device, opts.quick)
         if "skipped" in report["rates"][opts.dtype]:
             log(f"warning: {opts.dtype}: {report['rates'][opts.dtype]['skipped']}")
 
-        pipes = {lib: load_pipeline(lib, root, dtype, device) for lib in LIBS}
+        for lib in LIBS:
+            before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+            pipes[lib] = load_pipeline(lib, root, dtype, device)
+            if device.type == "cuda":  # weights, and whatever else the library keeps there (diffusers: its adapter)
+                loaded[lib] = torch.cuda.memory_allocated(device) - before
         probes = {lib: Probe(device) for lib in LIBS}
         args = call_args(root, opts.frames, (opts.height, opts.width), opts.steps, opts.guidance)
         tolerance = AGREE_ATOL.get((opts.dtype, opts.device), AGREE_ATOL.get(opts.dtype))
-        log("counting FLOPs and checking that both compute the same frames ...")
         undo = {lib: instrument(pipe, probes[lib]) for lib, pipe in pipes.items()}
-        flops, report["agreement"] = count_and_check(pipes, args, probes, tolerance)
+        earlier = earlier_check(opts) if opts.check_from else None
+        if earlier:
+            flops, report["agreement"] = earlier
+        else:
+            log("counting FLOPs and checking that both compute the same frames ...")
+            flops, report["agreement"] = count_and_check(pipes, args, probes, tolerance)
+        report["flops"] = flops
+        log(f"frames max |diff| {report['agreement']['frames_max_abs_diff']:.2e} (tolerance {tolerance:g})")
         if opts.compile:
             for lib, pipe in pipes.items():
                 undo[lib]()
                 report.setdefault("compiled_with", {})[lib] = compile_pipeline(lib, pipe)
                 instrument(pipe, probes[lib])
 
-        result = measure(pipes, args, probes, device, opts.warmup, opts.repeats)
+        report["first_call"], report["runs"] = {}, {}  # filled in as the runs end
+        measure(pipes, args, probes, device, opts.warmup, opts.repeats, result=report)
         log("machine rates, again ...")
         report["rates"] = best_rates(report["rates"], machine_rates(device, opts.quick))
-        report["first_call"] = result["first_call"]
-        report["rows"] = summarize(result)
-        report["runs"] = result["runs"]
-        report["flops"] = flops
-        report["flops_achieved"] = efficiency(flops, report["rows"], report["rates"], opts.dtype)
-        if device.type == "cuda":
-            report["memory"] = {
-                lib: {
-                    "weights": weight_bytes(pipe),
-                    "cuda_peak_over_resident": max(r["cuda_peak_over_resident"] for r in result["runs"][lib]),
-                }
-                for lib, pipe in pipes.items()
-            }
+        tabulate(report, flops, pipes, loaded, opts)
         if opts.scaling:
-            report["scaling"] = scaling(pipes, probes, root, opts, device)
+            report["scaling"] = []
+            scaling(pipes, probes, root, opts, device, report["scaling"], loaded)
+    except BaseException as error:  # `timeout`'s SIGTERM, out of memory, Ctrl-C: keep what was measured
+        if "machine" not in report:
+            raise
+        first = str(error).splitlines()[0] if str(error) else ""
+        report["error"] = f"{type(error).__name__}: {first}"[:500]
+        log(f"stopped early ({report['error']}): writing what was measured")
+        if "rows" not in report:
+            tabulate(report, flops, pipes, loaded, opts)
+        finish(report, opts)
+        raise
     finally:
         if temporary is not None:
             temporary.cleanup()
 
     return finish(report, opts)
+
+
+CHECK_KEYS = ("size", "device", "dtype", "frames", "height", "width", "steps", "guidance")
+
+
+def earlier_check(opts: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """--check-from: the FLOPs and the agreement of an earlier report of the same run (CHECK_KEYS); None (count
+    them again) where the file is missing or has neither, e.g. a run stopped before its first timed run."""
+    path = Path(opts.check_from)
+    earlier = json.loads(path.read_text()) if path.is_file() else {}
+    if "flops" not in earlier or "agreement" not in earlier:
+        log(f"--check-from {path}: no FLOP counts and agreement check there, counting them again")
+        return None
+    for key in CHECK_KEYS:
+        theirs, ours = earlier["config"].get(key), getattr(opts, key)
+        if theirs != ours:
+            raise SystemExit(f"--check-from {path}: its {key} is {theirs!r}, not {ours!r}")
+    log(f"FLOP counts and agreement check from {path}")
+    return earlier["flops"], earlier["agreement"] | {"from": str(opts.check_from)}
+
+
+def terminate(signum: int, frame: Any) -> None:
+    """SIGTERM (e.g. from `timeout`) as an exception, so that main writes the report of what was measured."""
+    raise SystemExit(128 + signum)
+
+
+def tabulate(
+    report: dict[str, Any], flops: dict[str, Any], pipes: dict[str, Any], loaded: dict[str, int], opts: Any
+) -> None:
+    """The report's rows, FLOP rates and (CUDA) memory from its runs, once every library has a timed run."""
+    runs = report.get("runs") or {}
+    if not all(runs.get(lib) for lib in LIBS):
+        return
+    report["rows"] = summarize(report)
+    if flops:
+        report["flops"] = flops
+        report["flops_achieved"] = efficiency(flops, report["rows"], report["rates"], opts.dtype)
+    if opts.device == "cuda":
+        report["memory"] = {}
+        for lib in LIBS:
+            over = max(r["cuda_peak_over_resident"] for r in runs[lib])
+            report["memory"][lib] = {
+                "weights": weight_bytes(pipes[lib]) if lib in pipes else None,
+                "loaded": loaded.get(lib),
+                "cuda_peak_over_resident": over,
+                "cuda_peak_alone": loaded[lib] + over if lib in loaded else None,
+                "cuda_peak_process": max(r["cuda_peak"] for r in runs[lib]),
+            }
+
+
+@torch.no_grad()
+def measure_offload(
+    opts: argparse.Namespace, root: Path, dtype: torch.dtype, device: torch.device, out: dict[str, Any]
+) -> dict[str, Any]:
+    """Each library alone on the GPU, one after the other: what loading allocates there, and the absolute peak
+    torch.cuda.max_memory_allocated of a call (weights, activations, all it holds) and its seconds, with the
+    pipeline on the GPU and then with enable_model_cpu_offload(); `--warmup` calls, then `--repeats` timed
+    calls of each. Filled into `out` as each ends."""
+    args = call_args(root, opts.frames, (opts.height, opts.width), opts.steps, opts.guidance)
+    for lib in LIBS:
+        gc.collect()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)  # the other library gone: about 0
+        pipe = load_pipeline(lib, root, dtype, torch.device("cpu")).to(device)
+        entry = out[lib] = {"allocated_before": base, "loaded": torch.cuda.memory_allocated(device) - base}
+        if opts.layout:
+            entry["layout"] = measure_layout(lib, pipe, opts, dtype, device)
+        for mode in ("gpu", "cpu offload"):
+            if mode == "cpu offload":
+                pipe.enable_model_cpu_offload(device=device)
+                gc.collect()
+                torch.cuda.empty_cache()
+                entry["loaded_offloaded"] = torch.cuda.memory_allocated(device) - base
+            seconds, peaks = [], []
+            for i in range(opts.warmup + opts.repeats):
+                gc.collect()
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                start = time.perf_counter()
+                pipe(generator=torch.Generator("cpu").manual_seed(0), **args)
+                torch.cuda.synchronize(device)
+                seconds.append(time.perf_counter() - start)
+                peaks.append(torch.cuda.max_memory_allocated(device) - base)
+                log(f"{lib}, {mode}, call {i + 1}: {seconds[-1]:.3f} s, peak {gib(peaks[-1])}")
+            timed = seconds[opts.warmup :] or seconds
+            entry[mode] = {"peak": max(peaks), "seconds": min(timed), "first_call": seconds[0], "calls": seconds}
+        del pipe, entry
+        gc.collect()
+        torch.cuda.empty_cache()
+    return out
+
+
+@torch.no_grad()
+def measure_layout(
+    lib: str, pipe: Any, opts: argparse.Namespace, dtype: torch.dtype, device: torch.device
+) -> dict[str, Any]:
+    """Does channels_last help? One UNet call (the run's CFG batch, random input) and one VAE decode of 4
+    frames, best of 5 after 2 warm-ups, with the models' weights in torch.contiguous_format and then in
+    torch.channels_last (left as they were after)."""
+    h, w = opts.height // 8, opts.width // 8
+    g = torch.Generator("cpu").manual_seed(0)
+    x = torch.randn(2, pipe.unet.config.in_channels, opts.frames, h, w, generator=g).to(device, dtype)
+    text = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=g).to(device, dtype)
+    z = torch.randn(4, 4, h, w, generator=g).to(device, dtype)
+    t = torch.tensor(500, device=device)
+    if lib == "pia_torch":
+        unet = lambda: pipe.unet(x, t, text)  # noqa: E731
+    else:  # as its PIAPipeline calls it: text states repeated per frame
+        per_frame = text.repeat_interleave(opts.frames, dim=0)
+        unet = lambda: pipe.unet(x, t, encoder_hidden_states=per_frame).sample  # noqa: E731
+    out: dict[str, Any] = {}
+    for layout in (torch.contiguous_format, torch.channels_last):
+        for model in (pipe.unet, pipe.vae):
+            model.to(memory_format=layout)
+        name = str(layout).removeprefix("torch.")
+        out[name] = {
+            "unet call": best_of(unet, device),
+            "vae decode (4 frames)": best_of(lambda: pipe.vae.decode(z), device),
+        }
+        log(f"{lib}, {name}: " + ", ".join(f"{k} {fmt_s(v)}" for k, v in out[name].items()))
+    for model in (pipe.unet, pipe.vae):
+        model.to(memory_format=torch.contiguous_format)
+    return out
+
+
+def best_of(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def finish(report: dict[str, Any], opts: argparse.Namespace) -> int:
