@@ -1270,8 +1270,8 @@ def measure_layout(
     lib: str, pipe: Any, opts: argparse.Namespace, dtype: torch.dtype, device: torch.device
 ) -> dict[str, Any]:
     """Does channels_last help? One UNet call (the run's CFG batch, random input) and one VAE decode of 4
-    frames, best of 5 after 2 warm-ups, with the models' weights in torch.contiguous_format and then in
-    torch.channels_last (left as they were after)."""
+    frames (`best_time`), with the models' weights in torch.contiguous_format and then in
+    torch.channels_last (contiguous again after)."""
     h, w = opts.height // 8, opts.width // 8
     g = torch.Generator("cpu").manual_seed(0)
     x = torch.randn(2, pipe.unet.config.in_channels, opts.frames, h, w, generator=g).to(device, dtype)
@@ -1289,26 +1289,13 @@ def measure_layout(
             model.to(memory_format=layout)
         name = str(layout).removeprefix("torch.")
         out[name] = {
-            "unet call": best_of(unet, device),
-            "vae decode (4 frames)": best_of(lambda: pipe.vae.decode(z), device),
+            "unet call": best_time(unet, device),
+            "vae decode (4 frames)": best_time(lambda: pipe.vae.decode(z), device),
         }
         log(f"{lib}, {name}: " + ", ".join(f"{k} {fmt_s(v)}" for k, v in out[name].items()))
     for model in (pipe.unet, pipe.vae):
         model.to(memory_format=torch.contiguous_format)
     return out
-
-
-def best_of(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def finish(report: dict[str, Any], opts: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ where the CPU only emulates it; `--dtype auto`)."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 
@@ -43,6 +44,30 @@ def test_compiled_unet_equals_eager(monkeypatch):
         eager = unet(x, t, text)
         compiled = torch.compile(unet, fullgraph=True)(x, t, text)
     torch.testing.assert_close(compiled, eager, **tol(eager, fan_in(unet)))
+
+
+@pytest.mark.slow
+def test_frozen_compile_equals_eager_and_follows_weight_changes(monkeypatch):
+    """pipe.compile(freeze=True) (inductor pre-packs the weights for oneDNN): the UNet still equals eager, and
+    still does after its weights change in place (fuse_lora after compiling)."""
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")
+    if capability in SIMD_BITS:
+        monkeypatch.setattr(torch._inductor.config.cpp, "simdlen", SIMD_BITS[capability])
+    pipe = tiny_pipeline(0)
+    eager = copy.deepcopy(pipe.unet)
+    x, t, text = unet_inputs(eager)
+    pipe.compile(freeze=True)
+    with torch.no_grad():
+        for change in range(2):
+            if change:
+                for unet in (pipe.unet, eager):
+                    unet.down_blocks[0].resnets[0].conv1.weight.mul_(1.5)
+                    unet.up_blocks[1].attentions[0].transformer_blocks[0].ff.proj_in.weight.mul_(-1)
+                    unet.conv_out.bias.add_(1)
+            want = eager(x, t, text)
+            torch.testing.assert_close(pipe.unet(x, t, text), want, **tol(want, fan_in(eager)))
+    with pytest.raises(ValueError, match="freeze"):
+        tiny_pipeline(0).compile(mode="max-autotune", freeze=True)
 
 
 def test_no_recompilation_across_steps_freeinit_and_windows():
