@@ -52,3 +52,29 @@ def test_quick_smoke(tmp_path):
     text = (tmp_path / "bench.md").read_text()
     assert "| end to end |" in text and "PASSED" in text
     assert text.strip() in r.stdout
+
+
+def test_layout_probe_and_gpu_script(tmp_path):
+    """The parts of the GPU run that a CPU can check: `--layout`'s probe times both libraries' UNet and VAE
+    decode in both memory formats and leaves the weights contiguous, and scripts/bench_gpu.sh parses."""
+    import argparse
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    root = bench.build_weights("tiny", tmp_path / "w")
+    opts = argparse.Namespace(height=32, width=32, frames=4)
+    report = {}
+    for lib in bench.LIBS:
+        pipe = bench.load_pipeline(lib, root, torch.float32, torch.device("cpu"))
+        report[lib] = {"layout": bench.measure_layout(lib, pipe, opts, torch.float32, torch.device("cpu"))}
+        assert set(report[lib]["layout"]) == {"contiguous_format", "channels_last"}
+        assert all(v > 0 for t in report[lib]["layout"].values() for v in t.values())
+        conv = pipe.unet.conv_in.weight
+        assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)
+    assert "| diffusers | channels_last |" in bench.offload_table(report)
+    r = subprocess.run(["bash", "-n", str(ROOT / "scripts" / "bench_gpu.sh")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
