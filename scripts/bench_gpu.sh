@@ -60,8 +60,10 @@ step() {
     return "$rc"
 }
 
-# Wheels carried in .whl/ (diffusers 0.42.1, where the machine lacks it): installed into /tmp/site, put
-# first on the path. `--no-deps`: their requirements must already be there (the GPU image has them).
+# Wheels carried in .whl/ (diffusers 0.42.1, where the machine lacks it), fetched beforehand on a machine with
+# network: python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1
+# They are installed into /tmp/site, put first on the path. `--no-deps`: their requirements must already be
+# there (the GPU image has them).
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl 2>&1 | tee -a "$LOG"
