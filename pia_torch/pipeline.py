@@ -142,7 +142,7 @@ def make_denoiser(
     unet: UNet, text: Tensor, mask: Tensor, cond: Tensor, guidance_scale: float
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """The model closure for `sampling.sample`: the model input x (b, 4, f, h, w) (already scaled by the
-    loop), t -> the model output (ε, or v / x0 by the UNet's training) (b, 4, f, h, w). Stateless.
+    loop), t -> the model output (ε, or v / x0 by the UNet's training) (b, 4, f, h, w).
 
     mask (b, 1, f, h, w) and cond (b, 4, f, h, w) follow x as channels 4..8 of the UNet's input. With
     classifier-free guidance (guidance_scale > 1) text holds 2b rows [uncond; cond], the input is run
@@ -155,14 +155,14 @@ def make_denoiser(
     """
     guided = guidance_scale > 1
     b, _, f, h, w = cond.shape
-    buffer = cond.new_empty((2 if guided else 1) * b, f, 4 + mask.shape[1] + cond.shape[1], h, w)
+    copies = 2 if guided else 1
+    buffer = cond.new_empty(copies * b, f, 4 + mask.shape[1] + cond.shape[1], h, w)
     x_in = buffer.transpose(1, 2)  # (k·b, 9, f, h, w)
-    for k in range(x_in.shape[0] // b):
-        x_in[k * b : (k + 1) * b, 4:] = torch.cat([mask, cond], dim=1)
+    per_copy = x_in.unflatten(0, (copies, b))  # (k, b, 9, f, h, w), a view: writes broadcast over k
+    per_copy[:, :, 4:] = torch.cat([mask, cond], dim=1)
 
     def denoise(x: Tensor, t: Tensor) -> Tensor:
-        for k in range(x_in.shape[0] // b):
-            x_in[k * b : (k + 1) * b, :4] = x
+        per_copy[:, :, :4] = x
         model_output = unet(x_in, t, denoise.text)
         if guided:
             out_u, out_c = model_output.chunk(2)

@@ -1208,7 +1208,6 @@ def tabulate(
         return
     report["rows"] = summarize(report)
     if flops:
-        report["flops"] = flops
         report["flops_achieved"] = efficiency(flops, report["rows"], report["rates"], opts.dtype)
     if opts.device == "cuda":
         report["memory"] = {}

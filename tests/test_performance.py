@@ -23,6 +23,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SIMD_BITS = {"default": 1, "avx2": 256, "avx512": 512}  # ATEN_CPU_CAPABILITY -> inductor's cpp.simdlen
 
 
+@pytest.fixture
+def inductor_simd(monkeypatch):
+    """Inductor picks its vector width from the CPU, not from ATEN_CPU_CAPABILITY: generated code and ATen's
+    headers must agree on it, so follow the variable where it is set."""
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")
+    if capability in SIMD_BITS:
+        monkeypatch.setattr(torch._inductor.config.cpp, "simdlen", SIMD_BITS[capability])
+
+
 def unet_inputs(unet, b=2, f=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, 9, f, 16, 16, generator=g)
@@ -31,15 +40,12 @@ def unet_inputs(unet, b=2, f=4, seed=0):
 
 
 @pytest.mark.slow
-def test_compiled_unet_equals_eager(monkeypatch):
+def test_compiled_unet_equals_eager(inductor_simd):
     """The tiny UNet compiles as one graph (fullgraph=True: any graph break is an error) with inductor, and its
     output equals eager within float32 rounding."""
     torch.manual_seed(0)
     unet = UNet(tiny_unet()).eval()
     x, t, text = unet_inputs(unet)
-    capability = os.environ.get("ATEN_CPU_CAPABILITY")  # inductor picks its vector width from the CPU, not from
-    if capability in SIMD_BITS:  # this variable: generated code and ATen's headers must agree on it
-        monkeypatch.setattr(torch._inductor.config.cpp, "simdlen", SIMD_BITS[capability])
     with torch.no_grad():
         eager = unet(x, t, text)
         compiled = torch.compile(unet, fullgraph=True)(x, t, text)
@@ -47,12 +53,9 @@ def test_compiled_unet_equals_eager(monkeypatch):
 
 
 @pytest.mark.slow
-def test_frozen_compile_equals_eager_and_follows_weight_changes(monkeypatch):
+def test_frozen_compile_equals_eager_and_follows_weight_changes(inductor_simd):
     """pipe.compile(freeze=True) (inductor pre-packs the weights for oneDNN): the UNet still equals eager, and
     still does after its weights change in place (fuse_lora after compiling)."""
-    capability = os.environ.get("ATEN_CPU_CAPABILITY")
-    if capability in SIMD_BITS:
-        monkeypatch.setattr(torch._inductor.config.cpp, "simdlen", SIMD_BITS[capability])
     pipe = tiny_pipeline(0)
     eager = copy.deepcopy(pipe.unet)
     x, t, text = unet_inputs(eager)
