@@ -124,6 +124,21 @@ def test_spatial_transformer_per_frame_and_shared_text():
         torch.testing.assert_close(block(x, text), want, **tol(want, fan_in(ref)))
 
 
+def test_transformer_block_sums_are_contiguous_on_a_strided_input():
+    """SpatialTransformer hands its block x as a strided view of NCHW memory. The residual sums must still be
+    contiguous from the first one on (as in diffusers, branch + x), else every later sum and LayerNorm works on
+    strided memory: on a GPU, extra copies and slow strided adds in every block. Same values either way."""
+    block = SpatialTransformer(16, heads=2, context_dim=8, groups=4).transformer_blocks[0]
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, 4, 5).flatten(2).transpose(1, 2)  # (N, h·w, c) over (N, c, h·w) memory
+    assert not x.is_contiguous()
+    text = torch.randn(3, 7, 8)
+    with torch.no_grad():
+        out = block(x, text)
+        assert out.is_contiguous()
+        assert torch.equal(out, block(x.contiguous(), text))
+
+
 @pytest.mark.parametrize("frames", [1, 2, 5, 16])
 def test_motion_module(frames):
     c, heads, groups = 32, 4, 8

@@ -143,13 +143,17 @@ class TransformerBlock(nn.Module):
         text keys/values are computed once per video (same result as repeating the text per frame),
         and attn2's weights are (b, nh, f·n, l) rather than ((b f), nh, n, l).
         """
+        # Residual sums put the branch first, as diffusers does: a sum takes the memory layout of its first
+        # operand, and x from SpatialTransformer is a strided (N, c, h·w) view. Branch first, the first sum
+        # is contiguous and so is everything after it; x first, every sum and LayerNorm of the block works
+        # on strided memory (on a GPU two more copies and two slow strided adds per block).
         h = self.norm1(x)
-        x = x + self.attn1(h if pos is None else h + pos)
+        x = self.attn1(h if pos is None else h + pos) + x
         h = self.norm2(x)
         h = h if pos is None else h + pos
         if context is not None and context.shape[0] != x.shape[0]:
             h = rearrange(h, "(b f) n c -> b (f n) c", b=context.shape[0])  # queries of all frames
-            x = x + rearrange(self.attn2(h, context), "b (f n) c -> (b f) n c", n=x.shape[1])
+            x = rearrange(self.attn2(h, context), "b (f n) c -> (b f) n c", n=x.shape[1]) + x
         else:
-            x = x + self.attn2(h, context)
-        return x + self.ff(self.norm3(x))
+            x = self.attn2(h, context) + x
+        return self.ff(self.norm3(x)) + x
