@@ -1002,6 +1002,10 @@ def offload_table(off: dict[str, Any]) -> str:
     if layouts:
         cells = [[lib, name, fmt_s(t["unet call"]), fmt_s(t["vae decode (4 frames)"])] for lib, name, t in layouts]
         text += "\n\n" + table(["memory format", "weights", "one UNet call", "VAE decode, 4 frames"], cells)
+    chunks = [(lib, n, t) for lib in LIBS for n, t in ((off.get(lib) or {}).get("decode chunks") or {}).items()]
+    if chunks:
+        cells = [[lib, str(n), fmt_s(t["seconds"]), gib(t["peak"])] for lib, n, t in chunks]
+        text += "\n\n" + table(["VAE decode of all frames", "frames per call", "time", "peak over resident"], cells)
     return text
 
 
@@ -1059,6 +1063,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--layout", action="store_true", help="with --offload: UNet and VAE decode in contiguous vs channels_last"
     )
+    parser.add_argument(
+        "--decode-chunks",
+        action="store_true",
+        help="with --offload: VAE decode of the run's frames, 1, 2, 4, ... frames per call: time and peak",
+    )
     parser.add_argument("--scaling", action="store_true", help="add the table over frames and sizes")
     parser.add_argument("--scaling-frames", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--scaling-sizes", type=int, nargs="+", default=[256, 512])
@@ -1089,6 +1098,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     opts.memory = opts.memory or opts.memory_only
     if opts.memory_only and opts.device != "cpu":
         parser.error("--memory-only is for CPUs (on a GPU the timing runs measure the peak memory)")
+    if (opts.layout or opts.decode_chunks) and not opts.offload:
+        parser.error("--layout and --decode-chunks are parts of --offload's run: add --offload")
     if opts.offload and opts.device != "cuda":
         parser.error("--offload needs --device cuda (CPU offload moves the models to an accelerator)")
     if opts.device == "cuda" and not torch.cuda.is_available():
@@ -1239,6 +1250,8 @@ def measure_offload(
         entry = out[lib] = {"allocated_before": base, "loaded": torch.cuda.memory_allocated(device) - base}
         if opts.layout:
             entry["layout"] = measure_layout(lib, pipe, opts, dtype, device)
+        if opts.decode_chunks:
+            entry["decode chunks"] = measure_decode_chunks(lib, pipe, opts, dtype, device)
         for mode in ("gpu", "cpu offload"):
             if mode == "cpu offload":
                 pipe.enable_model_cpu_offload(device=device)
@@ -1294,6 +1307,38 @@ def measure_layout(
         log(f"{lib}, {name}: " + ", ".join(f"{k} {fmt_s(v)}" for k, v in out[name].items()))
     for model in (pipe.unet, pipe.vae):
         model.to(memory_format=torch.contiguous_format)
+    return out
+
+
+@torch.no_grad()
+def measure_decode_chunks(
+    lib: str, pipe: Any, opts: argparse.Namespace, dtype: torch.dtype, device: torch.device
+) -> dict[int, dict[str, float | None]]:
+    """What decoding in chunks costs and saves: the VAE decode of the run's frames (random latents) with 1, 2,
+    4, ... frames per decode call, up to all of them; per chunk size the seconds (`best_time`) and, on CUDA, the
+    peak memory allocated over what was allocated before. diffusers decodes all frames at once (its only way)."""
+    from pia_torch.pipeline import decode_latents
+
+    g = torch.Generator("cpu").manual_seed(0)
+    latents = torch.randn(1, 4, opts.frames, opts.height // 8, opts.width // 8, generator=g).to(device, dtype)
+    if lib == "pia_torch":
+        sizes = sorted({min(2**k, opts.frames) for k in range(opts.frames.bit_length())})
+        run = lambda n: decode_latents(pipe.vae, latents, n)  # noqa: E731
+    else:
+        sizes, run = [opts.frames], lambda n: pipe.decode_latents(latents)  # noqa: E731
+    out: dict[int, dict[str, float | None]] = {}
+    for n in sizes:
+        peak = None
+        if device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        seconds = best_time(lambda n=n: run(n), device, min_reps=2, budget=0.2)
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) - base
+        out[n] = {"seconds": seconds, "peak": peak}
+        log(f"{lib}, decode {opts.frames} frames, {n} per call: {fmt_s(seconds)}, peak over resident {gib(peak)}")
     return out
 
 

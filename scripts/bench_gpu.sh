@@ -19,7 +19,8 @@
 #             CUDA memory; and the scaling table (8..64 frames x 256/512 pixels, 1 step per call)
 #   offload   offload.json/.md: each library alone on the GPU, the peak max_memory_allocated and time of a
 #             16x512x512 call (2 steps: the peak is that of any count), plain and with enable_model_cpu_offload();
-#             and one UNet call / a 4-frame VAE decode with the weights in contiguous vs channels_last format
+#             and one UNet call / a 4-frame VAE decode with the weights in contiguous vs channels_last format,
+#             and the decode of the 16 frames with 1, 2, 4, 8, 16 frames per call (time, peak)
 #   compiled  compiled.json/.md: eager's run with --compile (torch.compile, default mode). Compiling takes
 #             minutes, so it runs last and gets what is left of the budget
 # log.txt holds every step's output: 8 files at most in $OUT.
@@ -120,8 +121,8 @@ step eager 270 "${RUN[@]}" --steps 25 --warmup 1 --repeats 3 --scaling --scaling
 # beside the weights too: a later call on the same (still warm) machine has a fresh $OUT
 [[ -f $OUT/eager.json ]] && cp "$OUT/eager.json" "$WEIGHTS/eager.json"
 
-# memory of each library alone on the GPU, plain and with model CPU offload
-step offload 120 "${RUN[@]}" --steps 2 --warmup 1 --repeats 1 --offload --layout \
+# memory of each library alone on the GPU, plain and with model CPU offload; layouts; decode chunk sizes
+step offload 120 "${RUN[@]}" --steps 2 --warmup 1 --repeats 1 --offload --layout --decode-chunks \
     --json "$OUT/offload.json" --markdown "$OUT/offload.md"
 
 # compiled: the rest of the budget. The first warm-up call of each library compiles (pia_torch first). The

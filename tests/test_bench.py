@@ -56,7 +56,8 @@ def test_quick_smoke(tmp_path):
 
 def test_layout_probe_and_gpu_script(tmp_path):
     """The parts of the GPU run that a CPU can check: `--layout`'s probe times both libraries' UNet and VAE
-    decode in both memory formats and leaves the weights contiguous, and scripts/bench_gpu.sh parses."""
+    decode in both memory formats and leaves the weights contiguous, `--decode-chunks` times the decode at
+    each chunk size, and scripts/bench_gpu.sh parses."""
     import argparse
     import importlib.util
 
@@ -75,6 +76,12 @@ def test_layout_probe_and_gpu_script(tmp_path):
         assert all(v > 0 for t in report[lib]["layout"].values() for v in t.values())
         conv = pipe.unet.conv_in.weight
         assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)
-    assert "| diffusers | channels_last |" in bench.offload_table(report)
+        chunks = report[lib]["decode chunks"] = bench.measure_decode_chunks(
+            lib, pipe, opts, torch.float32, torch.device("cpu")
+        )
+        assert list(chunks) == ([1, 2, 4] if lib == "pia_torch" else [4])  # diffusers: all frames at once
+        assert all(t["seconds"] > 0 and t["peak"] is None for t in chunks.values())  # peak: CUDA only
+    text = bench.offload_table(report)
+    assert "| diffusers | channels_last |" in text and "| pia_torch | 2 |" in text
     r = subprocess.run(["bash", "-n", str(ROOT / "scripts" / "bench_gpu.sh")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
