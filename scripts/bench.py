@@ -1322,7 +1322,7 @@ def measure_decode_chunks(
     g = torch.Generator("cpu").manual_seed(0)
     latents = torch.randn(1, 4, opts.frames, opts.height // 8, opts.width // 8, generator=g).to(device, dtype)
     if lib == "pia_torch":
-        sizes = sorted({min(2**k, opts.frames) for k in range(opts.frames.bit_length())})
+        sizes = sorted({2**k for k in range(opts.frames.bit_length()) if 2**k < opts.frames} | {opts.frames})
         run = lambda n: decode_latents(pipe.vae, latents, n)  # noqa: E731
     else:
         sizes, run = [opts.frames], lambda n: pipe.decode_latents(latents)  # noqa: E731

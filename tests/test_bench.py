@@ -76,10 +76,11 @@ def test_layout_probe_and_gpu_script(tmp_path):
         assert all(v > 0 for t in report[lib]["layout"].values() for v in t.values())
         conv = pipe.unet.conv_in.weight
         assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)
+        six = argparse.Namespace(height=32, width=32, frames=6)
         chunks = report[lib]["decode chunks"] = bench.measure_decode_chunks(
-            lib, pipe, opts, torch.float32, torch.device("cpu")
+            lib, pipe, six, torch.float32, torch.device("cpu")
         )
-        assert list(chunks) == ([1, 2, 4] if lib == "pia_torch" else [4])  # diffusers: all frames at once
+        assert list(chunks) == ([1, 2, 4, 6] if lib == "pia_torch" else [6])  # diffusers: all frames at once
         assert all(t["seconds"] > 0 and t["peak"] is None for t in chunks.values())  # peak: CUDA only
     text = bench.offload_table(report)
     assert "| diffusers | channels_last |" in text and "| pia_torch | 2 |" in text
