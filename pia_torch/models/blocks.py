@@ -66,11 +66,8 @@ class ResnetBlock(nn.Module):
         """
         h = self.conv1(F.silu(group_norm(x, self.norm1, frames)))
         if temb is not None:
-            t = self.time_emb_proj(F.silu(temb))  # (n, c_out)
-            if t.shape[0] == h.shape[0]:
-                h = h + t[:, :, None, None]
-            else:  # broadcast over the rows that share it
-                h = (h.unflatten(0, (t.shape[0], -1)) + t[:, None, :, None, None]).flatten(0, 1)
+            t = self.time_emb_proj(F.silu(temb))  # (n, c_out), broadcast over the N/n rows that share it
+            h = (h.unflatten(0, (t.shape[0], -1)) + t[:, None, :, None, None]).flatten(0, 1)
         h = self.conv2(F.silu(group_norm(h, self.norm2, frames)))
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
